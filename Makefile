@@ -1,0 +1,30 @@
+# fedhosp: `make demo` (install + run the 5-region federation), `make test` (install + tests).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Our machines hold a CPU build of torch 2.13.0 on disk; GPU users may set TORCH_SPEC="torch" or their own.
+TORCH_SPEC ?= torch==2.13.0
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/fedhosp run --sites 5 $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python tests/bench_oncology.py $(ARGS)
+
+clean:
+	rm -rf .fedhosp .pytest_cache

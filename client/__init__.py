@@ -1,0 +1,1 @@
+"""Hospital-node side of fedhosp: the ClientApp, site data readers, local training."""

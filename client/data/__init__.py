@@ -1,0 +1,1 @@
+"""Readers for a hospital's site folder, and the demo data generator."""

@@ -1,0 +1,137 @@
+"""The oncology site-folder contract: ``cohort.csv`` read, checked and split on the node.
+
+Errors raised here are :class:`SiteDataError`; their messages name the site and
+the column or problem, never a value, a row, a path or an identifier, because
+Flower forwards a ClientApp's exception text to the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+COHORT_FILE = "cohort.csv"
+RESERVED = ("time", "event", "split", "patient_id", "label")
+TEST_FRACTION = 0.25
+
+
+class SiteDataError(ValueError):
+    """A site's data breaks the contract. The message is safe to leave the node."""
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # float32, standardised with the site's training statistics
+    time: np.ndarray
+    event: np.ndarray
+    label: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+
+@dataclass
+class SiteCohort:
+    site: str
+    features: list[str]
+    train: Split
+    test: Split
+    skipped: dict[str, int] = field(default_factory=dict)
+    # Standardisation statistics stay on the node; they are never put in a reply.
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+
+def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int = 42) -> SiteCohort:
+    """Read ``folder/cohort.csv``, skip unusable rows (counted), split and standardise."""
+    path = Path(folder) / COHORT_FILE
+    if not path.is_file():
+        log.error("site %s: %s not found", site, path)
+        raise SiteDataError(f"site {site}: no {COHORT_FILE} in the site's data folder")
+    try:
+        frame = pd.read_csv(path)
+    except Exception as exc:  # pandas' messages can quote file content
+        log.error("site %s: cannot parse %s (%s)", site, path, type(exc).__name__)
+        raise SiteDataError(f"site {site}: {COHORT_FILE} cannot be parsed as CSV ({type(exc).__name__})") from None
+    return prepare_cohort(frame, site, endpoint, seed)
+
+
+def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", seed: int = 42) -> SiteCohort:
+    """Check the contract on an in-memory cohort; see :func:`load_cohort`."""
+    frame.columns = [str(c).strip() for c in frame.columns]
+    for column in ("time", "event") + (("label",) if endpoint == "response" else ()):
+        if column not in frame.columns:
+            raise SiteDataError(f"site {site}: {COHORT_FILE} has no column '{column}'")
+    features = sorted(c for c in frame.columns if c not in RESERVED)
+    if not features:
+        raise SiteDataError(f"site {site}: {COHORT_FILE} has no feature columns")
+    for column in features:
+        if not pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column]):
+            raise SiteDataError(f"site {site}: {COHORT_FILE} column '{column}' is not numeric")
+
+    skipped: dict[str, int] = {}
+    time = pd.to_numeric(frame["time"], errors="coerce")
+    event = pd.to_numeric(frame["event"], errors="coerce")
+    keep = time.gt(0) & np.isfinite(time) & event.isin([0, 1])
+    skipped["invalid time/event"] = int((~keep).sum())
+    feature_ok = np.isfinite(frame[features].to_numpy(dtype=float)).all(axis=1)
+    skipped["missing feature"] = int((keep & ~feature_ok).sum())
+    keep &= feature_ok
+    label = None
+    if endpoint == "response":
+        label = pd.to_numeric(frame["label"], errors="coerce")
+        label_ok = label.isin([0, 1])
+        skipped["invalid label"] = int((keep & ~label_ok).sum())
+        keep &= label_ok
+    skipped = {k: v for k, v in skipped.items() if v}
+    if skipped:
+        log.warning("site %s: skipped rows %s", site, skipped)
+
+    data = frame.loc[keep]
+    strata = (label[keep] if label is not None else event[keep]).to_numpy(dtype=int)
+    if "split" in frame.columns:
+        split = data["split"].astype(str).str.strip().str.lower()
+        if not split.isin(["train", "test"]).all():
+            raise SiteDataError(f"site {site}: {COHORT_FILE} column 'split' holds values other than train/test")
+        is_test = (split == "test").to_numpy()
+    else:
+        is_test = _stratified_test_mask(strata, seed, site)
+    n_train, n_test = int((~is_test).sum()), int(is_test.sum())
+    if n_train < 2 or n_test < 1:
+        raise SiteDataError(
+            f"site {site}: too few usable patients ({n_train} train, {n_test} test) after skipping invalid rows"
+        )
+    if endpoint == "survival" and int(event[keep][~is_test].sum()) == 0:
+        raise SiteDataError(f"site {site}: no events in the training split; a Cox model cannot learn from it")
+
+    x = data[features].to_numpy(dtype=np.float64)
+    mean = x[~is_test].mean(axis=0)
+    std = x[~is_test].std(axis=0)
+    std[std == 0] = 1.0
+    x = ((x - mean) / std).astype(np.float32)
+    t = time[keep].to_numpy(dtype=np.float64)
+    e = event[keep].to_numpy(dtype=np.int64)
+    y = label[keep].to_numpy(dtype=np.int64) if label is not None else None
+
+    def part(mask: np.ndarray) -> Split:
+        return Split(x[mask], t[mask], e[mask], None if y is None else y[mask])
+
+    return SiteCohort(site, features, part(~is_test), part(is_test), skipped, mean, std)
+
+
+def _stratified_test_mask(strata: np.ndarray, seed: int, site: str) -> np.ndarray:
+    """Seeded split, stratified by outcome, reproducible per (seed, site)."""
+    rng = np.random.default_rng([seed, zlib.crc32(site.encode())])
+    mask = np.zeros(len(strata), dtype=bool)
+    for value in np.unique(strata):
+        idx = np.flatnonzero(strata == value)
+        rng.shuffle(idx)
+        mask[idx[: int(round(len(idx) * TEST_FRACTION))]] = True
+    return mask

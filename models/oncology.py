@@ -1,0 +1,152 @@
+"""Oncology models on tabular cohorts: Cox proportional hazards and treatment response.
+
+Survival uses the Cox partial likelihood, which only needs each site's own risk
+sets: every site's loss is a stratified Cox loss over its own patients, so the
+coordinator never needs event times. Response is a plain binary classifier on
+the same features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+ENDPOINTS = ("survival", "response")
+MODELS = ("linear", "mlp")
+
+
+class TabularNet(nn.Module):
+    """One output per patient: a log-hazard (survival) or a logit (response).
+
+    ``linear`` is the classic Cox / logistic model; ``mlp`` is DeepSurv-style
+    (Katzman et al. 2018): hidden layers with dropout, one linear output.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        kind: str = "linear",
+        hidden: tuple[int, ...] = (32, 16),
+        dropout: float = 0.1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if kind not in MODELS:
+            raise ValueError(f"unknown oncology model {kind!r}; choose one of {MODELS}")
+        if num_features < 1:
+            raise ValueError("an oncology model needs at least one feature")
+        self.kind = kind
+        layers: list[nn.Module] = []
+        width = num_features
+        if kind == "mlp":
+            for h in hidden:
+                layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+                width = h
+        # A Cox model has no intercept (it cancels in the partial likelihood);
+        # a response model needs one.
+        layers.append(nn.Linear(width, 1, bias=bias or kind == "mlp"))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def cox_partial_nll(
+    risk: torch.Tensor,
+    time: torch.Tensor,
+    event: torch.Tensor,
+    ties: str = "efron",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Negative Cox partial log-likelihood.
+
+    ``risk`` is the linear predictor (log relative hazard). Tied event times are
+    handled with Efron's (default, as lifelines and R's ``coxph``) or Breslow's
+    approximation. Numerically stable: risk is shifted by its maximum before
+    exponentiation, and the shift is added back in log space. ``reduction="mean"``
+    divides by the number of events (0 when a batch has no event, with a
+    gradient of zero), ``"sum"`` returns the total.
+    """
+    if ties not in ("efron", "breslow"):
+        raise ValueError(f"ties must be 'efron' or 'breslow', not {ties!r}")
+    risk = risk.reshape(-1)
+    time = time.reshape(-1).to(risk.dtype)
+    event = event.reshape(-1).to(risk.dtype)
+    n_events = event.sum()
+    if n_events.item() == 0:
+        return risk.sum() * 0.0
+
+    # Sort by time, descending, so a cumulative sum gives each risk set.
+    order = torch.argsort(time, descending=True, stable=True)
+    risk, time, event = risk[order], time[order], event[order]
+    shift = risk.detach().max()
+    w = torch.exp(risk - shift)
+
+    # Group equal times: group g spans a contiguous block (descending time).
+    _, inverse, counts = torch.unique_consecutive(time, return_inverse=True, return_counts=True)
+    n_groups = counts.shape[0]
+    group_last = torch.cumsum(counts, 0) - 1  # index of the last member of each group
+    risk_set = torch.cumsum(w, 0)[group_last]  # sum of w over time >= t_g
+    tied_w = torch.zeros(n_groups, dtype=w.dtype).index_add(0, inverse, w * event)
+    tied_n = torch.zeros(n_groups, dtype=w.dtype).index_add(0, inverse, event)
+
+    is_event = event > 0
+    ev_group = inverse[is_event]
+    if ties == "breslow":
+        log_denominator = torch.log(risk_set[ev_group]) + shift
+    else:
+        # Efron: the l-th of d tied events (l = 0..d-1) sees R - (l/d) * D.
+        # Groups are contiguous, so the events before group g number
+        # cumsum(tied_n)[g] - tied_n[g]; an event's rank in its group follows.
+        ev_rank = (torch.cumsum(is_event.to(w.dtype), 0) - 1)[is_event]
+        events_before = (torch.cumsum(tied_n, 0) - tied_n)[ev_group]
+        ell = ev_rank - events_before
+        frac = ell / tied_n[ev_group]
+        log_denominator = torch.log(risk_set[ev_group] - frac * tied_w[ev_group]) + shift
+    nll = -(risk[is_event].sum() - log_denominator.sum())
+    if reduction == "sum":
+        return nll
+    return nll / n_events
+
+
+def concordance_index(time: np.ndarray, risk: np.ndarray, event: np.ndarray) -> float:
+    """Harrell's C-index: the share of comparable pairs ordered correctly by risk.
+
+    A pair (i, j) is comparable when ``event[i] == 1`` and either
+    ``time[i] < time[j]``, or the times are equal and j was censored (j is known
+    to have outlived i, as in lifelines and R's survival). It is concordant when
+    ``risk[i] > risk[j]``; equal risks count one half. Returns
+    NaN when no pair is comparable. Memory is bounded by working in row blocks.
+    """
+    time = np.asarray(time, dtype=float).reshape(-1)
+    risk = np.asarray(risk, dtype=float).reshape(-1)
+    event = np.asarray(event).reshape(-1).astype(bool)
+    concordant = 0.0
+    comparable = 0
+    idx = np.flatnonzero(event)
+    block = max(1, 4_000_000 // max(len(time), 1))
+    for start in range(0, len(idx), block):
+        rows = idx[start : start + block]
+        later = (time[None, :] > time[rows, None]) | (
+            (time[None, :] == time[rows, None]) & ~event[None, :]
+        )
+        comparable += int(later.sum())
+        diff = risk[rows, None] - risk[None, :]
+        concordant += float(((diff > 0) & later).sum()) + 0.5 * float(((diff == 0) & later).sum())
+    return concordant / comparable if comparable else float("nan")
+
+
+def binary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """AUC and accuracy (threshold 0.5) of a response model; AUC is NaN with one class."""
+    from sklearn.metrics import roc_auc_score
+
+    logits = np.asarray(logits, dtype=float).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(int)
+    prob = 1.0 / (1.0 + np.exp(-logits))
+    auc = float(roc_auc_score(labels, prob)) if len(np.unique(labels)) == 2 else float("nan")
+    return {"auc": auc, "accuracy": float(((prob >= 0.5).astype(int) == labels).mean())}
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

@@ -1,0 +1,50 @@
+"""One builder per task, used by both the coordinator and the sites.
+
+Both sides must build exactly the same module from the same run config so that
+state-dict keys, shapes and dtypes match; the model hash makes "the same
+weights" checkable from logs on either side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.oncology import ENDPOINTS, TabularNet
+
+TASKS = ("oncology",)
+
+
+def build_model(task: str, endpoint: str, model: str, num_features: int) -> nn.Module:
+    """Build the task's network; ``num_features`` comes from the sites' common schema."""
+    if task != "oncology":
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {endpoint!r}; choose one of {ENDPOINTS}")
+    torch.manual_seed(0)  # identical initial weights wherever the model is built
+    return TabularNet(num_features, kind=model, bias=endpoint == "response")
+
+
+def model_hash(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> str:
+    """SHA-256 over the weights, independent of where they were computed.
+
+    Hashes, for each tensor in sorted name order: the name, dtype, shape and the
+    little-endian C-order bytes. A state dict and the ArrayRecord made from it
+    hash the same (pass ``{k: a.numpy() for k, a in record.items()}``).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = arrays[name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        value = np.ascontiguousarray(value)
+        value = value.astype(value.dtype.newbyteorder("<"), copy=False)
+        digest.update(name.encode())
+        digest.update(str(value.dtype.str).encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Coordinator side of fedhosp: the ServerApp, strategies, MLflow tracking, the CLI."""

@@ -1,0 +1,76 @@
+"""``fedhosp``: the project's one command line (run the demo federation, write demo data)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="fedhosp: federated learning for hospitals (Flower + MLflow).", no_args_is_help=True)
+console = Console()
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+@app.command("run")
+def run(
+    sites: int = typer.Option(5, "--sites", "-n", help="Number of simulated hospital nodes."),
+    run_config: list[str] = typer.Option([], "--run-config", "-c", help="Run-config overrides, 'k=v k2=v2', or a TOML file."),
+    app_dir: Path = typer.Option(APP_DIR, "--app", help="The Flower app folder (this project)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the run's log."),
+) -> None:
+    """Run a local Flower simulation of the regions and print its outcome. Exit 0 only on success."""
+    from flwr.common.config import parse_config_args
+
+    from server import runner
+    from server.summary import find_summary, print_summary
+
+    env = runner.runtime_env()
+    overrides = parse_config_args(run_config) if run_config else {}
+    uri = str(overrides.get("mlflow-uri") or env.get("MLFLOW_TRACKING_URI")
+              or f"sqlite:///{Path(env['FEDHOSP_HOME']) / 'mlflow.db'}")
+    overrides["mlflow-uri"] = uri
+    Path(env["FEDHOSP_HOME"]).mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]fedhosp[/]: {sites} simulated sites; FEDHOSP_HOME={env['FEDHOSP_HOME']}")
+    try:
+        with runner.local_superlink(env):
+            outcome = runner.flwr_run(app_dir, env, overrides, sites, echo=None if quiet else console.out)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: the local SuperLink was stopped")
+        raise typer.Exit(130)
+    if not outcome.ok:
+        console.print(f"[red bold]Run {outcome.run_id} did not complete[/]: status {outcome.status}")
+        reason = runner.failure_reason(outcome.log)
+        if reason:
+            console.print(f"[red]{reason}[/]")
+        raise typer.Exit(1)
+    summary = find_summary(uri, outcome.run_id)
+    if summary is None:
+        console.print(f"[red]Run {outcome.run_id} finished but no MLflow summary was found in {uri}[/]")
+        raise typer.Exit(1)
+    print_summary(summary, console)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Path = typer.Argument(..., help="Folder to write one site folder per region into."),
+    sites: int = typer.Option(5, "--sites", "-n"),
+    seed: int = typer.Option(42, "--seed"),
+) -> None:
+    """Write the synthetic regional oncology cohorts (cohort.csv per site)."""
+    from client.data.demo import write_demo
+
+    for folder in write_demo(out, sites, seed):
+        console.print(f"wrote {folder / 'cohort.csv'}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

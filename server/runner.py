@@ -1,0 +1,182 @@
+"""Run the app as a local Flower simulation and report the run's real outcome.
+
+``flwr run .`` exits 0 even when the run failed and leaves a SuperLink behind.
+This module owns the local SuperLink (started here with Flower's own flags, in
+its own process group, stopped on exit unless it was already running), submits
+the run with ``flwr run``, waits for ``flwr ls`` to report a final status, and
+returns it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
+
+from client.site import fedhosp_home
+
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else every run does `uv sync` from the internet
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def runtime_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower's processes: offline, FEDHOSP_HOME and FLWR_HOME set."""
+    env = dict(os.environ if base is None else base)
+    env.update(OFFLINE_ENV)
+    home = Path(env.get("FEDHOSP_HOME") or fedhosp_home()).resolve()
+    env["FEDHOSP_HOME"] = str(home)
+    env.setdefault("FLWR_HOME", str(home / "flwr"))
+    bin_dir = str(Path(sys.executable).parent)  # find flwr / flower-superlink of this environment
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _port(env: dict[str, str]) -> str:
+    return env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+
+
+def _healthy(port: str) -> bool:
+    try:
+        with urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as response:
+            return response.status == 200
+    except (URLError, OSError):
+        return False
+
+
+@contextmanager
+def local_superlink(env: dict[str, str], startup_timeout: float = 60.0):
+    """A simulation SuperLink on 127.0.0.1, stopped (with its children) on exit."""
+    port = _port(env)
+    if _healthy(port):
+        yield None  # someone else's; leave it running
+        return
+    runtime = Path(env["FLWR_HOME"]) / "local-superlink"
+    runtime.mkdir(parents=True, exist_ok=True)
+    command = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--control-api-address", f"127.0.0.1:{env.get('FLWR_LOCAL_CONTROL_API_PORT', '39093')}",
+        "--host", "127.0.0.1", "--port", port,
+        "--database", str(runtime / "state.db"), "--log-file", str(runtime / "superlink.log"),
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _healthy(port):
+            if process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {process.returncode}; see {runtime / 'superlink.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not answer on port {port} within {startup_timeout:.0f}s")
+            time.sleep(0.2)
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left."""
+    try:
+        pgid = os.getpgid(process.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; make sure no child of the group survives it
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    status: str  # e.g. finished:completed, finished:failed
+    log: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def _config_arg(values: dict[str, object]) -> str:
+    def toml(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return json.dumps(str(v))  # a TOML basic string
+
+    return " ".join(f"{k}={toml(v)}" for k, v in values.items())
+
+
+def flwr_run(app_dir: Path, env: dict[str, str], run_config: dict[str, object], num_supernodes: int,
+             echo=None, timeout: float = 3600.0) -> RunOutcome:
+    """Submit the run, stream its log, wait for its final status."""
+    command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", f"num-supernodes={num_supernodes}"]
+    if run_config:
+        command += ["--run-config", _config_arg(run_config)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=app_dir)
+    lines: list[str] = []
+    run_id = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if echo:
+            echo(line.rstrip("\n"))
+        match = re.search(r"Successfully started run (\d+)", line)
+        if match:
+            run_id = int(match.group(1))
+    proc.wait()
+    text = "".join(lines)
+    if run_id is None:
+        return RunOutcome(0, f"not-started (flwr run exited {proc.returncode})", text)
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline:
+        status = run_status(run_id, env)
+        if status.startswith("finished"):
+            break
+        time.sleep(1.0)
+    return RunOutcome(run_id, status, text)
+
+
+def run_status(run_id: int, env: dict[str, str]) -> str:
+    out = subprocess.run(["flwr", "ls", "--run-id", str(run_id), "--format", "json"], env=env,
+                         capture_output=True, text=True, check=False)
+    try:
+        runs = json.loads(out.stdout)["runs"]
+    except (ValueError, KeyError):
+        return "unknown"
+    return runs[0]["status"] if runs else "unknown"
+
+
+def failure_reason(log_text: str) -> str:
+    """The coordinator's error message from the run's log, when it gave one."""
+    match = re.findall(r"(?:FederationError|SiteDataError|ValueError|RuntimeError): (.+(?:\n  - .+)*)", log_text)
+    return match[-1] if match else ""

@@ -1,0 +1,81 @@
+"""Who is in the federation: ask every node for its site name and feature schema.
+
+This happens before any MLflow run is opened, so a site with broken data stops
+the run with a clear error and leaves no half-finished run behind.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+
+class FederationError(RuntimeError):
+    """The federation cannot run as configured; the message says which site and why."""
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    node_id: int
+    name: str
+    features: tuple[str, ...]
+    num_train: int
+    num_test: int
+    skipped_rows: int
+
+
+def reason_text(reason: str) -> str:
+    """Flower wraps a ClientApp exception as "<class 'X'>:<'text'>"; keep the text."""
+    match = re.search(r":<'(.*)'>\s*$", reason, flags=re.S)
+    return match.group(1) if match else reason
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} of the required {minimum} nodes connected within {timeout:.0f}s")
+        time.sleep(1.0)
+
+
+def discover_sites(grid: Grid, minimum: int, timeout: float) -> dict[int, SiteInfo]:
+    nodes = wait_for_nodes(grid, minimum, timeout)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({"request": "describe"})}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in nodes
+    ]
+    replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=timeout)}
+    sites: dict[int, SiteInfo] = {}
+    problems: list[str] = []
+    for node in nodes:
+        msg = replies.get(node)
+        if msg is None:
+            problems.append(f"node {node} did not answer within {timeout:.0f}s")
+        elif msg.has_error():
+            problems.append(reason_text(msg.error.reason))
+        else:
+            info, metrics = msg.content["site"], msg.content["metrics"]
+            sites[node] = SiteInfo(node, str(info["site-name"]), tuple(info["features"]), int(metrics["num-train"]),
+                                   int(metrics["num-test"]), int(metrics["skipped-rows"]))
+    if problems:
+        raise FederationError("site check failed:\n  - " + "\n  - ".join(problems))
+    names = [s.name for s in sites.values()]
+    if len(set(names)) != len(names):
+        raise FederationError(f"two nodes claim the same site name: {sorted(names)}")
+    reference = min(sites.values(), key=lambda s: s.name)
+    for site in sites.values():
+        if site.features != reference.features:
+            missing = sorted(set(reference.features) - set(site.features))
+            extra = sorted(set(site.features) - set(reference.features))
+            raise FederationError(
+                f"site {site.name} has different feature columns from {reference.name}: "
+                f"missing {missing}, extra {extra}"
+            )
+    return sites

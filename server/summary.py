@@ -1,0 +1,67 @@
+"""Read a finished run's summary back from MLflow and print it for people."""
+
+from __future__ import annotations
+
+import math
+from urllib.parse import urlparse
+
+from rich.console import Console
+from rich.table import Table
+
+from server.tracking import FLWR_RUN_TAG
+
+
+def find_summary(uri: str, flwr_run_id: int) -> dict | None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{FLWR_RUN_TAG}` = '{flwr_run_id}'", max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    mlflow.set_tracking_uri(uri)
+    summary = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
+    summary["mlflow_status"] = run.info.status
+    summary["experiment_id"] = run.info.experiment_id
+    return summary
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def ui_command(uri: str) -> str:
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    metric = "c_index" if summary["endpoint"] == "survival" else "auc"
+    table = Table(title=f"fedhosp run {summary['flwr_run_id']}: {summary['rounds']} rounds, {summary['strategy']}, "
+                        f"endpoint {summary['endpoint']}")
+    table.add_column("site")
+    table.add_column("train patients", justify="right")
+    table.add_column("test patients", justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("eval loss", justify="right")
+    for name, site in sorted(summary["sites"].items()):
+        table.add_row(name, _fmt(site.get("num_patients")), _fmt(site.get("num_test_patients")),
+                      _fmt(site.get(metric)), _fmt(site.get("loss")))
+    agg = summary.get("aggregate", {})
+    table.add_row("[bold]federation[/] (weighted)", _fmt(sum(s.get("num_patients", 0) for s in summary["sites"].values())),
+                  _fmt(sum(s.get("num_test_patients", 0) for s in summary["sites"].values())),
+                  f"[bold]{_fmt(agg.get(metric))}[/]", _fmt(agg.get("loss")))
+    console.print(table)
+    if summary.get("failures"):
+        console.print(f"[yellow]site failures by round[/]: {summary['failures']}")
+    console.print(f"MLflow run      : {summary['mlflow_run_id']} (experiment '{summary['experiment']}', "
+                  f"status {summary.get('mlflow_status', '?')})")
+    console.print(f"Tracking store  : {summary['tracking_uri']}")
+    console.print(f"Saved model     : {summary['model_file']} (sha256 {summary['model_hash'][:16]}…)")
+    console.print(f"Registered model: {summary['registered_model']}")
+    console.print(f"Open the UI     : [bold]{ui_command(summary['tracking_uri'])}[/]")

@@ -1,0 +1,164 @@
+"""The only module that talks to MLflow.
+
+One MLflow run per federated run, tagged with Flower's run id; the whole run
+config as params; aggregated and per-site metrics with ``step = server_round``;
+the final model as an artifact, registered in the model registry. On any
+exception the run is closed as FAILED, so a broken run never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from client.site import fedhosp_home
+from models.registry import model_hash
+from server.settings import RunSettings
+from server.sites import SiteInfo
+from server.strategy import SiteRound
+
+FLWR_RUN_TAG = "flwr.run_id"
+
+
+def tracking_uri(settings: RunSettings) -> str:
+    """run-config ``mlflow-uri``, else ``$MLFLOW_TRACKING_URI``, else ``$FEDHOSP_HOME/mlflow.db``."""
+    return settings.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{fedhosp_home() / 'mlflow.db'}"
+
+
+def registered_name(settings: RunSettings) -> str:
+    return f"fedhosp-{settings.task}-{settings.endpoint}"
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    artifact_location = None
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":  # keep artifacts next to the database, not in the cwd
+        db = Path(parsed.path if not parsed.path.startswith("//") else parsed.path[1:])
+        artifact_location = (db.parent / "mlartifacts" / name).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created concurrently
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class Tracker:
+    """Context manager around one MLflow run."""
+
+    def __init__(self, settings: RunSettings, flwr_run_id: int, sites: dict[int, SiteInfo]):
+        self.settings = settings
+        self.flwr_run_id = flwr_run_id
+        self.sites = sorted(sites.values(), key=lambda s: s.name)
+        self.uri = tracking_uri(settings)
+        self.rounds: list[SiteRound] = []
+        self.run_id = ""
+
+    def __enter__(self) -> "Tracker":
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        experiment = _experiment_id(self.client, self.uri, self.settings.mlflow_experiment)
+        tags = {
+            FLWR_RUN_TAG: str(self.flwr_run_id),
+            "fedhosp.task": self.settings.task,
+            "fedhosp.endpoint": self.settings.endpoint,
+            "fedhosp.sites": ",".join(s.name for s in self.sites),
+        }
+        run = mlflow.start_run(
+            experiment_id=experiment, run_name=f"flwr-{self.flwr_run_id}-{self.settings.strategy}", tags=tags
+        )
+        self.run_id = run.info.run_id
+        mlflow.log_params(self.settings.as_params())
+        mlflow.log_params({"num-sites": len(self.sites)})
+        mlflow.log_dict(
+            {s.name: {"num_train": s.num_train, "num_test": s.num_test, "skipped_rows": s.skipped_rows,
+                      "features": list(s.features)} for s in self.sites},
+            "sites.json",
+        )
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            mlflow.set_tag("fedhosp.error", f"{exc_type.__name__}: {exc}"[:5000])
+        mlflow.end_run("FAILED" if exc is not None else "FINISHED")
+
+    def log_round(self, r: SiteRound) -> None:
+        """Aggregated metrics under ``federation/``, each site's under its own name."""
+        self.rounds.append(r)
+        metrics: dict[str, float] = {
+            "federation/round_duration_s": r.duration_s,
+            "federation/failed_sites": float(len(r.failures)),
+            "federation/num_patients": float(sum(m.get("num-examples", 0) for m in r.train.values())),
+        }
+        for key, value in r.train_aggregate.items():
+            if key != "num-examples":
+                metrics[f"federation/{key}"] = value
+        for key, value in r.evaluate_aggregate.items():
+            if key != "num-examples":
+                metrics[f"federation/{'eval_loss' if key == 'loss' else key}"] = value
+        for site in self.sites:
+            name = site.name
+            metrics[f"{name}/failed"] = 1.0 if name in r.failures else 0.0
+            for key, value in r.train.get(name, {}).items():
+                metrics[f"{name}/{'num_patients' if key == 'num-examples' else key}"] = value
+            for key, value in r.evaluate.get(name, {}).items():
+                renamed = {"num-examples": "num_test_patients", "loss": "eval_loss"}.get(key, key)
+                metrics[f"{name}/{renamed}"] = value
+        mlflow.log_metrics(metrics, step=r.server_round)
+        if r.failures:
+            mlflow.log_dict(r.failures, f"failures/round-{r.server_round:04d}.json")
+
+    def finish(self, model: torch.nn.Module, features: list[str], input_example) -> dict:
+        """Save the final model to disk, log it to MLflow, register it; return the run summary."""
+        state = model.state_dict()
+        digest = model_hash(state)
+        folder = fedhosp_home() / "models" / self.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "task": self.settings.task, "endpoint": self.settings.endpoint, "model": self.settings.model,
+            "features": features, "model_hash": digest, "flwr_run_id": self.flwr_run_id,
+            "mlflow_run_id": self.run_id,
+        }
+        torch.save(state, folder / "model.pt")
+        (folder / "model.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
+        mlflow.log_artifacts(str(folder), "final_model")
+        mlflow.set_tag("fedhosp.model_hash", digest)
+
+        started = time.perf_counter()
+        info = mlflow.pytorch.log_model(
+            model, name="model", registered_model_name=registered_name(self.settings),
+            input_example=input_example, await_registration_for=60,
+        )
+        version = info.registered_model_version
+        if version is not None:
+            for key, value in {"fedhosp.sites": ",".join(s.name for s in self.sites),
+                               "fedhosp.model_hash": digest, FLWR_RUN_TAG: str(self.flwr_run_id)}.items():
+                self.client.set_model_version_tag(registered_name(self.settings), str(version), key, value)
+        last = self.rounds[-1] if self.rounds else None
+        summary = {
+            "flwr_run_id": self.flwr_run_id,
+            "mlflow_run_id": self.run_id,
+            "tracking_uri": self.uri,
+            "experiment": self.settings.mlflow_experiment,
+            "rounds": len(self.rounds),
+            "endpoint": self.settings.endpoint,
+            "strategy": self.settings.strategy,
+            "registered_model": f"models:/{registered_name(self.settings)}/{version}" if version else None,
+            "model_file": str(folder / "model.pt"),
+            "model_hash": digest,
+            "log_model_seconds": round(time.perf_counter() - started, 2),
+            "sites": {s.name: {**(last.evaluate.get(s.name, {}) if last else {}),
+                               "num_patients": s.num_train, "num_test_patients": s.num_test} for s in self.sites},
+            "aggregate": last.evaluate_aggregate if last else {},
+            "failures": {r.server_round: r.failures for r in self.rounds if r.failures},
+        }
+        mlflow.log_dict(summary, "summary.json")
+        return summary
