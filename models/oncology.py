@@ -63,8 +63,8 @@ def cox_partial_nll(
 
     ``risk`` is the linear predictor (log relative hazard). Tied event times are
     handled with Efron's (default, as lifelines and R's ``coxph``) or Breslow's
-    approximation. Numerically stable: risk is shifted by its maximum before
-    exponentiation, and the shift is added back in log space. ``reduction="mean"``
+    approximation. Numerically stable: risk sets are summed in log space
+    (``logcumsumexp``), so no exponential over- or underflows. ``reduction="mean"``
     divides by the number of events (0 when a batch has no event, with a
     gradient of zero), ``"sum"`` returns the total.
     """
@@ -77,33 +77,30 @@ def cox_partial_nll(
     if n_events.item() == 0:
         return risk.sum() * 0.0
 
-    # Sort by time, descending, so a cumulative sum gives each risk set.
+    # Sort by time, descending, so a running log-sum-exp gives each risk set.
     order = torch.argsort(time, descending=True, stable=True)
     risk, time, event = risk[order], time[order], event[order]
-    shift = risk.detach().max()
-    w = torch.exp(risk - shift)
 
     # Group equal times: group g spans a contiguous block (descending time).
     _, inverse, counts = torch.unique_consecutive(time, return_inverse=True, return_counts=True)
     n_groups = counts.shape[0]
     group_last = torch.cumsum(counts, 0) - 1  # index of the last member of each group
-    risk_set = torch.cumsum(w, 0)[group_last]  # sum of w over time >= t_g
-    tied_w = torch.zeros(n_groups, dtype=w.dtype).index_add(0, inverse, w * event)
-    tied_n = torch.zeros(n_groups, dtype=w.dtype).index_add(0, inverse, event)
+    log_risk_set = torch.logcumsumexp(risk, 0)[group_last]  # log sum exp(risk) over time >= t_g
 
     is_event = event > 0
     ev_group = inverse[is_event]
-    if ties == "breslow":
-        log_denominator = torch.log(risk_set[ev_group]) + shift
-    else:
-        # Efron: the l-th of d tied events (l = 0..d-1) sees R - (l/d) * D.
+    log_denominator = log_risk_set[ev_group]
+    if ties == "efron":
+        # The l-th of d tied events (l = 0..d-1) sees R - (l/d) * D, i.e.
+        # log R + log(1 - (l/d) * D/R) with D/R <= 1 computed without overflow.
+        tied_n = torch.zeros(n_groups, dtype=risk.dtype).index_add(0, inverse, event)
+        share = torch.exp(risk - log_risk_set[inverse]) * event
+        tied_share = torch.zeros(n_groups, dtype=risk.dtype).index_add(0, inverse, share)
         # Groups are contiguous, so the events before group g number
         # cumsum(tied_n)[g] - tied_n[g]; an event's rank in its group follows.
-        ev_rank = (torch.cumsum(is_event.to(w.dtype), 0) - 1)[is_event]
-        events_before = (torch.cumsum(tied_n, 0) - tied_n)[ev_group]
-        ell = ev_rank - events_before
-        frac = ell / tied_n[ev_group]
-        log_denominator = torch.log(risk_set[ev_group] - frac * tied_w[ev_group]) + shift
+        ev_rank = (torch.cumsum(event, 0) - 1)[is_event]
+        ell = ev_rank - (torch.cumsum(tied_n, 0) - tied_n)[ev_group]
+        log_denominator = log_denominator + torch.log1p(-(ell / tied_n[ev_group]) * tied_share[ev_group])
     nll = -(risk[is_event].sum() - log_denominator.sum())
     if reduction == "sum":
         return nll

@@ -1,0 +1,109 @@
+"""The ClientApp called directly, as a SuperNode would call it: what leaves the node."""
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from client.app import app
+from client.data import demo
+from models.registry import build_model, model_hash
+
+RUN_CONFIG = {"task": "oncology", "endpoint": "survival", "model": "linear", "seed": 42, "data-root": ""}
+
+
+def _message(kind: str, content: RecordDict) -> Message:
+    meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=600.0, message_type=kind)
+    return Message(content=content, metadata=meta)
+
+
+def _context(folder, site="Sjælland", **run_config) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"site-name": site, "data-dir": str(folder)},
+                   state=RecordDict(), run_config={**RUN_CONFIG, **run_config})
+
+
+def _train_content(endpoint="survival", model="linear", **config) -> RecordDict:
+    net = build_model("oncology", endpoint, model, len(demo.FEATURES))
+    cfg = {"lr": 0.01, "local-epochs": 1, "local-steps": 0, "batch-size": 32, "seed": 42, "server-round": 1}
+    cfg.update(config)
+    return RecordDict({"arrays": ArrayRecord(net.state_dict()), "config": ConfigRecord(cfg)})
+
+
+@pytest.fixture
+def site_dir(tmp_path):
+    folder = tmp_path / "site"
+    demo.write_site(folder, demo.REGIONS[3])
+    return folder
+
+
+def _assert_only_weights_and_numbers(reply: Message, with_arrays: bool):
+    content = reply.content
+    assert set(content.keys()) == ({"arrays", "metrics"} if with_arrays else {"metrics"})
+    assert not content.config_records
+    for value in content["metrics"].values():
+        assert isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_train_reply_carries_only_weights_and_numeric_metrics(site_dir):
+    context = _context(site_dir)
+    sent = _train_content()
+    reply = app(_message(MessageType.TRAIN, sent), context)
+    assert not reply.has_error(), reply.error
+    _assert_only_weights_and_numbers(reply, with_arrays=True)
+    arrays = reply.content["arrays"]
+    assert list(arrays.keys()) == list(sent["arrays"].keys())
+    assert model_hash({k: a.numpy() for k, a in arrays.items()}) != model_hash(
+        {k: a.numpy() for k, a in sent["arrays"].items()})  # it trained
+    # num-examples counts patients of the training split, not batches
+    frame = demo.cohort(demo.REGIONS[3])
+    assert reply.content["metrics"]["num-examples"] == pytest.approx(round(len(frame) * 0.75), abs=1)
+    # no standardisation statistic, identifier or file name travels
+    blob = repr(reply.content).lower()
+    assert "patient" not in blob and "sjæ" not in blob and str(site_dir).lower() not in blob
+
+
+def test_evaluate_reply_has_c_index_and_num_test_patients(site_dir):
+    reply = app(_message(MessageType.EVALUATE, _train_content()), _context(site_dir))
+    _assert_only_weights_and_numbers(reply, with_arrays=False)
+    metrics = reply.content["metrics"]
+    assert 0.0 <= metrics["c_index"] <= 1.0
+    assert metrics["num-examples"] == pytest.approx(round(len(demo.cohort(demo.REGIONS[3])) * 0.25), abs=1)
+
+
+def test_local_steps_runs_exactly_that_many_minibatch_steps(site_dir):
+    reply = app(_message(MessageType.TRAIN, _train_content(**{"local-steps": 3})), _context(site_dir))
+    assert reply.content["metrics"]["local_steps"] == 3
+
+
+def test_training_is_reproducible_for_the_same_seed_round_and_site(site_dir):
+    replies = [app(_message(MessageType.TRAIN, _train_content(model="mlp")), _context(site_dir, model="mlp"))
+               for _ in range(2)]
+    hashes = {model_hash({k: a.numpy() for k, a in r.content["arrays"].items()}) for r in replies}
+    assert len(hashes) == 1
+
+
+def test_response_endpoint_reports_auc_and_accuracy(site_dir):
+    content = _train_content(endpoint="response")
+    ctx = _context(site_dir, endpoint="response")
+    trained = app(_message(MessageType.TRAIN, content), ctx)
+    reply = app(_message(MessageType.EVALUATE, RecordDict({"arrays": trained.content["arrays"],
+                                                           "config": ConfigRecord({})})), ctx)
+    assert {"auc", "accuracy", "loss", "num-examples"} <= set(reply.content["metrics"].keys())
+
+
+def test_query_describes_site_schema_and_counts_without_rows(site_dir):
+    reply = app(_message(MessageType.QUERY, RecordDict({"config": ConfigRecord({})})), _context(site_dir))
+    assert reply.content["site"]["site-name"] == "Sjælland"
+    assert list(reply.content["site"]["features"]) == sorted(demo.FEATURES)
+    assert reply.content["metrics"]["num-train"] + reply.content["metrics"]["num-test"] == demo.REGIONS[3].size
+
+
+def test_an_unexpected_error_leaves_the_node_without_its_details(site_dir):
+    # a state dict for a different model: torch's error would quote tensor shapes and names
+    wrong = build_model("oncology", "survival", "mlp", len(demo.FEATURES))
+    content = RecordDict({"arrays": ArrayRecord(wrong.state_dict()), "config": _train_content()["config"]})
+    with pytest.raises(RuntimeError) as err:
+        app(_message(MessageType.TRAIN, content), _context(site_dir))
+    assert str(err.value) == "site Sjælland: train failed (RuntimeError); details are in the node's log"

@@ -1,0 +1,169 @@
+"""Real Flower simulations (`flwr run` against a local SuperLink) tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from client.data import demo
+from client.data.tabular import load_cohort
+from models.oncology import concordance_index, cox_partial_nll
+from models.registry import build_model, model_hash
+from server import runner
+from server.summary import find_summary
+from server.tracking import FLWR_RUN_TAG
+from tests.conftest import APP_DIR, processes_mentioning
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _runs(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+
+
+def test_three_round_simulation_tracks_every_round_per_site_in_one_mlflow_run(superlink, tmp_path, mlflow_uri):
+    root = tmp_path / "sites"
+    sites = [f.name for f in demo.write_demo(root, 3, seed=11)]
+    config = {"num-server-rounds": 3, "data-root": str(root), "mlflow-uri": mlflow_uri, "mlflow-experiment": "t3",
+              "seed": 11}
+    outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
+    assert outcome.ok, outcome.log[-3000:]
+
+    client, runs = _runs(mlflow_uri, "t3")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[FLWR_RUN_TAG] == str(outcome.run_id)
+    assert {"strategy", "num-server-rounds", "local-epochs", "local-steps", "lr", "server-lr", "proximal-mu",
+            "seed", "data-root", "mlflow-uri", "mlflow-experiment", "task", "endpoint", "model",
+            "batch-size"} <= set(run.data.params)
+    assert run.data.params["num-server-rounds"] == "3"
+
+    def steps(key):
+        return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+    for key in ("federation/c_index", "federation/train_loss", "federation/eval_loss",
+                "federation/round_duration_s", "federation/num_patients"):
+        assert steps(key) == [1, 2, 3], key
+    for site in sites:
+        for key in ("c_index", "train_loss", "eval_loss", "num_patients", "num_test_patients", "failed"):
+            assert steps(f"{site}/{key}") == [1, 2, 3], f"{site}/{key}"
+    patients = {s: client.get_metric_history(run.info.run_id, f"{s}/num_patients")[-1].value for s in sites}
+    assert patients == {s: len(load_cohort(root / s, s, seed=11).train) for s in sites}
+
+    summary = find_summary(mlflow_uri, outcome.run_id)
+    state = torch.load(summary["model_file"])
+    assert model_hash(state) == summary["model_hash"] == run.data.tags["fedhosp.model_hash"]
+    version = client.get_model_version("fedhosp-oncology-survival", summary["registered_model"].rsplit("/", 1)[1])
+    assert version.tags["fedhosp.sites"] == ",".join(sorted(sites))
+    assert version.run_id == run.info.run_id
+
+
+def test_response_endpoint_trains_an_mlp_and_tracks_auc(superlink, tmp_path, mlflow_uri):
+    root = tmp_path / "sites"
+    demo.write_demo(root, 3)
+    config = {"num-server-rounds": 2, "endpoint": "response", "model": "mlp", "strategy": "fedadam",
+              "data-root": str(root), "mlflow-uri": mlflow_uri, "mlflow-experiment": "resp"}
+    outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
+    assert outcome.ok, outcome.log[-3000:]
+    client, runs = _runs(mlflow_uri, "resp")
+    metrics = runs[0].data.metrics
+    assert 0.5 < metrics["federation/auc"] <= 1.0
+    assert "Hovedstaden/accuracy" in metrics
+
+
+def _break_missing_event(root):
+    frame = demo.cohort(demo.REGIONS[1]).drop(columns=["event"])
+    frame.to_csv(root / "Midtjylland" / "cohort.csv", index=False)
+    return "site Midtjylland: cohort.csv has no column 'event'"
+
+
+def _break_text_feature(root):
+    frame = demo.cohort(demo.REGIONS[2])
+    frame["stage"] = frame["stage"].map(lambda s: f"T{s}N0")
+    frame.to_csv(root / "Syddanmark" / "cohort.csv", index=False)
+    return "site Syddanmark: cohort.csv column 'stage' is not numeric"
+
+
+def _break_extra_folder(root):
+    (root / "Zealand-copy").mkdir()
+    return "data-root holds 4 site folders but the federation has 3 nodes"
+
+
+@pytest.mark.parametrize("breakage", [_break_missing_event, _break_text_feature, _break_extra_folder])
+def test_bad_site_data_fails_the_run_with_a_clear_error_and_no_finished_mlflow_run(
+        superlink, tmp_path, mlflow_uri, breakage):
+    root = tmp_path / "sites"
+    demo.write_demo(root, 3)
+    expected = breakage(root)
+    config = {"num-server-rounds": 2, "data-root": str(root), "mlflow-uri": mlflow_uri, "mlflow-experiment": "bad"}
+    outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
+    assert outcome.status == "finished:failed"
+    assert expected in runner.failure_reason(outcome.log)
+    _, runs = _runs(mlflow_uri, "bad")
+    assert [r for r in runs if r.info.status == "FINISHED"] == []
+
+
+def _pooled_cox_fit(cohorts) -> torch.nn.Module:
+    """Centralised fit of the same linear Cox model on all training splits (site-stratified risk sets)."""
+    model = build_model("oncology", "survival", "linear", len(cohorts[0].features)).double()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+    parts = [(torch.tensor(c.train.x, dtype=torch.float64), torch.tensor(c.train.time), torch.tensor(c.train.event))
+             for c in cohorts]
+
+    def closure():
+        opt.zero_grad()
+        loss = sum(cox_partial_nll(model(x), t, e, reduction="sum") for x, t, e in parts)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model.float()
+
+
+def _pooled_test_c_index(model, cohorts) -> float:
+    with torch.no_grad():
+        risk = np.concatenate([model(torch.from_numpy(c.test.x)).numpy() for c in cohorts])
+    time = np.concatenate([c.test.time for c in cohorts])
+    event = np.concatenate([c.test.event for c in cohorts])
+    return concordance_index(time, risk, event)
+
+
+def test_main_job_recovers_the_pooled_cox_fit_on_the_five_demo_regions(flower_env):
+    """`fedhosp run` (the README's main job) on the demo; federated C-index within 0.02 of a pooled fit."""
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "run", "--sites", "5", "--quiet",
+         "--run-config", "num-server-rounds=8 mlflow-experiment='recovery'"],
+        env=flower_env, capture_output=True, text=True, timeout=600, cwd=APP_DIR,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for region in demo.REGIONS:
+        assert region.name in result.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout.replace("\n", "")
+    assert not processes_mentioning(flower_env["FLWR_HOME"])
+
+    uri = f"sqlite:///{flower_env['FEDHOSP_HOME']}/mlflow.db"
+    _, runs = _runs(uri, "recovery")
+    summary = find_summary(uri, int(runs[0].data.tags[FLWR_RUN_TAG]))
+    federated = build_model("oncology", "survival", "linear", len(demo.FEATURES))
+    federated.load_state_dict(torch.load(summary["model_file"]))
+
+    folder = lambda r: f"{flower_env['FEDHOSP_HOME']}/demo/oncology-seed42/{r.name}"  # noqa: E731
+    cohorts = [load_cohort(folder(r), r.name) for r in demo.REGIONS]
+    pooled = _pooled_cox_fit(cohorts)
+    c_fed, c_pooled = _pooled_test_c_index(federated, cohorts), _pooled_test_c_index(pooled, cohorts)
+    assert c_pooled > 0.68  # the known effects are strong enough to be learnt
+    print(f"pooled test C-index: federated {c_fed:.4f}, centralised {c_pooled:.4f}")
+    assert abs(c_fed - c_pooled) <= 0.02, (c_fed, c_pooled)
+    # the known effects' directions are recovered (features are sorted by name)
+    weights = dict(zip(cohorts[0].features, federated.net[-1].weight.detach().numpy().reshape(-1)))
+    for feature, true in demo.TRUE_LOG_HR.items():
+        if abs(true) >= 0.2:
+            assert np.sign(weights[feature]) == np.sign(true), (feature, weights)

@@ -1,0 +1,99 @@
+"""The Cox loss and the C-index against lifelines, an independent implementation."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lifelines import CoxPHFitter
+from lifelines.utils import concordance_index as lifelines_cindex
+
+from models.oncology import TabularNet, binary_metrics, concordance_index, cox_partial_nll
+
+
+def _survival_data(n=300, seed=0, rounding=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3))
+    t = np.round(rng.exponential(np.exp(-x @ [0.5, -0.3, 0.1])), rounding) + 0.1
+    e = (rng.random(n) < 0.7).astype(int)
+    return x, t, e
+
+
+def _lifelines_fit(x, t, e):
+    df = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
+    df["T"], df["E"] = t, e
+    return CoxPHFitter().fit(df, "T", "E")
+
+
+def test_efron_loss_equals_lifelines_log_likelihood_with_ties():
+    x, t, e = _survival_data()
+    assert len(np.unique(t)) < len(t) / 3  # heavily tied
+    fit = _lifelines_fit(x, t, e)
+    risk = torch.tensor(x) @ torch.tensor(fit.params_.values)
+    nll = cox_partial_nll(risk, torch.tensor(t), torch.tensor(e), reduction="sum")
+    assert nll.item() == pytest.approx(-fit.log_likelihood_, rel=1e-9)
+
+
+def test_breslow_loss_matches_the_textbook_formula():
+    x, t, e = _survival_data(n=60, seed=3)
+    risk = torch.tensor(x @ [0.2, 0.1, -0.4])
+    expected = 0.0
+    for i in np.flatnonzero(e):
+        expected -= risk[i].item() - np.log(np.exp(risk.numpy()[t >= t[i]]).sum())
+    got = cox_partial_nll(risk, torch.tensor(t), torch.tensor(e), ties="breslow", reduction="sum")
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_loss_is_finite_for_extreme_risks_and_mean_divides_by_events():
+    x, t, e = _survival_data(n=50, seed=1)
+    risk = torch.tensor(x[:, 0] * 800.0)  # exp() would overflow without the shift
+    total = cox_partial_nll(risk, torch.tensor(t), torch.tensor(e), reduction="sum")
+    mean = cox_partial_nll(risk, torch.tensor(t), torch.tensor(e))
+    assert torch.isfinite(total)
+    assert mean.item() == pytest.approx(total.item() / e.sum())
+
+
+def test_batch_without_events_gives_zero_loss_and_zero_gradient():
+    risk = torch.randn(8, requires_grad=True)
+    loss = cox_partial_nll(risk, torch.rand(8) + 1, torch.zeros(8))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(risk.grad == 0)
+
+
+def test_fitting_the_linear_cox_model_recovers_lifelines_coefficients():
+    x, t, e = _survival_data(n=400, seed=2)
+    fit = _lifelines_fit(x, t, e)
+    model = TabularNet(3, "linear").double()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+    xt, tt, et = torch.tensor(x), torch.tensor(t), torch.tensor(e)
+
+    def closure():
+        opt.zero_grad()
+        loss = cox_partial_nll(model(xt), tt, et, reduction="sum")
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    ours = model.net[-1].weight.detach().numpy().reshape(-1)
+    np.testing.assert_allclose(ours, fit.params_.values, atol=1e-4)
+
+
+@pytest.mark.parametrize("rounding", [3, 0])
+def test_c_index_equals_lifelines_including_tied_times_and_risks(rounding):
+    x, t, e = _survival_data(n=400, seed=5, rounding=rounding)
+    risk = np.round(x[:, 0], 1)  # tied risks too
+    assert concordance_index(t, risk, e) == pytest.approx(lifelines_cindex(t, -risk, e), abs=1e-12)
+
+
+def test_c_index_is_one_for_perfect_and_zero_for_reversed_ranking():
+    t = np.arange(1.0, 11.0)
+    e = np.ones(10)
+    assert concordance_index(t, -t, e) == 1.0
+    assert concordance_index(t, t, e) == 0.0
+
+
+def test_binary_metrics_auc_and_accuracy():
+    logits = np.array([-2.0, -1.0, 1.0, 2.0, 0.5])
+    labels = np.array([0, 1, 0, 1, 1])
+    m = binary_metrics(logits, labels)
+    assert m["auc"] == pytest.approx(4 / 6)
+    assert m["accuracy"] == pytest.approx(0.6)
