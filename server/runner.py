@@ -178,5 +178,8 @@ def run_status(run_id: int, env: dict[str, str]) -> str:
 
 def failure_reason(log_text: str) -> str:
     """The coordinator's error message from the run's log, when it gave one."""
-    match = re.findall(r"(?:FederationError|SiteDataError|ValueError|RuntimeError): (.+(?:\n  - .+)*)", log_text)
-    return match[-1] if match else ""
+    for kind in ("FederationError", "SiteDataError|ValueError|RuntimeError"):
+        found = re.findall(rf"(?:{kind}): (.+(?:\n  - .+)*)", log_text)
+        if found:
+            return found[-1]
+    return ""

@@ -29,9 +29,19 @@ class SiteInfo:
 
 
 def reason_text(reason: str) -> str:
-    """Flower wraps a ClientApp exception as "<class 'X'>:<'text'>"; keep the text."""
+    """The ClientApp's own error text, without the runtime's wrapping.
+
+    A SuperNode sends "<class 'X'>:<'text'>"; the simulation sends Ray's whole
+    traceback ending in "... Message: text". Keep just the text.
+    """
+    simulated = re.findall(r"Message: (.*)", reason)
+    if simulated:
+        return simulated[-1].strip().removesuffix("'>")
     match = re.search(r":<'(.*)'>\s*$", reason, flags=re.S)
-    return match.group(1) if match else reason
+    if match:
+        return match.group(1)
+    lines = [line for line in reason.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else reason
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from server.settings import RunSettings
+from server.sites import reason_text
 
 
 def build_strategy(settings: RunSettings, num_sites: int) -> Strategy:
@@ -64,7 +65,7 @@ class ReportingStrategy(Strategy):
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
-                self.current.failures[self._site(msg)] = msg.error.reason
+                self.current.failures[self._site(msg)] = reason_text(msg.error.reason)
             elif "metrics" in msg.content.metric_records:
                 into[self._site(msg)] = {k: float(v) for k, v in msg.content["metrics"].items()
                                          if isinstance(v, (int, float))}

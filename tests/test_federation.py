@@ -106,7 +106,9 @@ def test_bad_site_data_fails_the_run_with_a_clear_error_and_no_finished_mlflow_r
     config = {"num-server-rounds": 2, "data-root": str(root), "mlflow-uri": mlflow_uri, "mlflow-experiment": "bad"}
     outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
     assert outcome.status == "finished:failed"
-    assert expected in runner.failure_reason(outcome.log)
+    reason = runner.failure_reason(outcome.log)
+    assert reason.startswith("site check failed:") and expected in reason
+    assert "Traceback" not in reason and "ray::" not in reason
     _, runs = _runs(mlflow_uri, "bad")
     assert [r for r in runs if r.info.status == "FINISHED"] == []
 

@@ -1,0 +1,50 @@
+"""Coordinator pieces that need no federation: run-config reading, strategy choice, error text."""
+
+import pytest
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
+
+from server.runner import _config_arg
+from server.settings import RunSettings
+from server.sites import reason_text
+from server.strategy import build_strategy
+
+
+def test_run_config_is_read_once_into_typed_fields():
+    s = RunSettings.from_run_config({"num-server-rounds": 7, "lr": 1, "strategy": "fedyogi", "unrelated": "x"})
+    assert s.num_server_rounds == 7 and s.lr == 1.0 and isinstance(s.lr, float) and s.strategy == "fedyogi"
+    assert s.as_params()["num-server-rounds"] == 7
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"strategy": "fedsgd"}, "strategy='fedsgd'"),
+    ({"endpoint": "os"}, "endpoint='os'"),
+    ({"model": "resnet"}, "model='resnet'"),
+    ({"task": "genomics"}, "task='genomics'"),
+    ({"num-server-rounds": 0}, "num-server-rounds"),
+    ({"batch-size": 1}, "batch-size"),
+])
+def test_invalid_run_config_is_refused_with_the_key_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_run_config(bad)
+
+
+@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam),
+                                       ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)])
+def test_strategies_are_flowers_own_and_wait_for_every_site(name, cls):
+    strategy = build_strategy(RunSettings(strategy=name, server_lr=0.3, lr=0.02, proximal_mu=0.5), num_sites=4)
+    assert type(strategy) is cls
+    assert strategy.min_train_nodes == strategy.min_available_nodes == 4
+    if name == "fedprox":
+        assert strategy.proximal_mu == 0.5
+    if name in ("fedadam", "fedyogi", "fedadagrad"):
+        assert strategy.eta == 0.3 and strategy.eta_l == 0.02
+
+
+def test_reason_text_unwraps_supernode_and_simulation_errors():
+    assert reason_text("<class 'client.data.tabular.SiteDataError'>:<'site A: bad'>") == "site A: bad"
+    ray = "ray::ClientAppActor.run() ...\n  File x\nException ClientAppException occurred. Message: site B: worse'>"
+    assert reason_text(ray) == "site B: worse"
+
+
+def test_run_config_overrides_are_passed_as_toml_values():
+    assert _config_arg({"a": 1, "b": 0.5, "c": "it's", "d": True}) == 'a=1 b=0.5 c="it\'s" d=true'
