@@ -17,24 +17,25 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import train as local
-from client.data.tabular import SiteCohort, SiteDataError, load_cohort
+from client.data.tabular import SiteDataError
 from client.site import Site, resolve_site
-from models.registry import build_model
+from client.tasks import task_for
+from client.train import TrainSettings
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def _site(context: Context) -> Site:
-    rc = context.run_config
-    return resolve_site(dict(context.node_config), str(rc.get("data-root", "")), int(rc.get("seed", 42)))
+def _open(context: Context):
+    """The task, this node's site and its data (read through the task's reader and cache)."""
+    task = task_for(dict(context.run_config), dict(context.node_config))
+    site = _site(context, task)
+    return task, site, task.load(site)
 
 
-def _cohort(context: Context) -> tuple[Site, SiteCohort]:
-    site = _site(context)
-    endpoint = str(context.run_config.get("endpoint", "survival"))
-    return site, load_cohort(site.folder, site.name, endpoint, int(context.run_config.get("seed", 42)))
+def _site(context: Context, task=None) -> Site:
+    task = task or task_for(dict(context.run_config), dict(context.node_config))
+    return resolve_site(dict(context.node_config), str(context.run_config.get("data-root", "")), task.demo_site)
 
 
 def _safe(handler):
@@ -60,31 +61,24 @@ def _safe(handler):
     return wrapper
 
 
-def _model(context: Context, cohort: SiteCohort, arrays: ArrayRecord) -> torch.nn.Module:
-    rc = context.run_config
-    model = build_model(str(rc["task"]), str(rc["endpoint"]), str(rc["model"]), len(cohort.features))
-    model.load_state_dict(arrays.to_torch_state_dict())
-    return model
-
-
 @app.query()
 @_safe
 def describe(msg: Message, context: Context) -> Message:
-    site, cohort = _cohort(context)
-    info = ConfigRecord({"site-name": site.name, "features": list(cohort.features)})
-    metrics = MetricRecord({"num-train": len(cohort.train), "num-test": len(cohort.test),
-                            "skipped-rows": sum(cohort.skipped.values())})
+    task, site, data = _open(context)
+    features, counts = task.describe(data)
+    info = ConfigRecord({"site-name": site.name, "features": features})
+    metrics = MetricRecord({"num-train": len(data.train), "num-test": len(data.test), **counts})
     return Message(RecordDict({"site": info, "metrics": metrics}), reply_to=msg)
 
 
 @app.train()
 @_safe
 def train(msg: Message, context: Context) -> Message:
-    site, cohort = _cohort(context)
+    task, site, data = _open(context)
     cfg = msg.content["config"]
-    model = _model(context, cohort, msg.content["arrays"])
-    settings = local.TrainSettings(
-        endpoint=str(context.run_config["endpoint"]),
+    model = task.build(data)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    settings = TrainSettings(
         local_epochs=int(cfg["local-epochs"]),
         local_steps=int(cfg["local-steps"]),
         batch_size=int(cfg["batch-size"]),
@@ -93,9 +87,9 @@ def train(msg: Message, context: Context) -> Message:
         seed=int(cfg["seed"]),
     )
     started = time.perf_counter()
-    metrics = local.train(model, cohort.train, settings, int(cfg["server-round"]), site.name)
+    metrics = task.train(model, data, settings, int(cfg["server-round"]), site.name)
     metrics["train_seconds"] = time.perf_counter() - started
-    metrics["num-examples"] = len(cohort.train)
+    metrics["num-examples"] = len(data.train)
     reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
 
@@ -103,10 +97,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_safe
 def evaluate(msg: Message, context: Context) -> Message:
-    _, cohort = _cohort(context)
-    model = _model(context, cohort, msg.content["arrays"])
+    task, _, data = _open(context)
+    model = task.build(data)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     started = time.perf_counter()
-    metrics = local.evaluate(model, cohort.test, str(context.run_config["endpoint"]))
+    metrics = task.evaluate(model, data)
     metrics["eval_seconds"] = time.perf_counter() - started
-    metrics["num-examples"] = len(cohort.test)
+    metrics["num-examples"] = len(data.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -3,16 +3,16 @@
 Deployment: the SuperNode's ``--node-config`` names ``site-name`` and
 ``data-dir``. Simulation: node ``partition-id = k`` serves the k-th site folder
 (sorted by name) under run-config ``data-root``, or, with no ``data-root``, the
-k-th demo region, generated once into ``$FEDHOSP_HOME/demo``.
+k-th demo region of the task, generated once under ``$FEDHOSP_HOME/demo``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.data import demo
 from client.data.tabular import SiteDataError
 
 
@@ -27,7 +27,8 @@ class Site:
     folder: Path
 
 
-def resolve_site(node_config: dict, data_root: str, seed: int) -> Site:
+def resolve_site(node_config: dict, data_root: str, demo_site: Callable[[int, int], Site]) -> Site:
+    """``demo_site(partition_id, num_partitions)`` writes (once) and returns a demo site."""
     if node_config.get("data-dir"):
         folder = Path(str(node_config["data-dir"])).expanduser()
         return Site(str(node_config.get("site-name") or folder.name), folder)
@@ -43,7 +44,4 @@ def resolve_site(node_config: dict, data_root: str, seed: int) -> Site:
                 f"run with --federation-config \"num-supernodes={len(folders)}\""
             )
         return Site(folders[pid].name, folders[pid])
-    region = demo.regions(count, seed)[pid]
-    folder = fedhosp_home() / "demo" / f"oncology-seed{seed}" / region.name
-    demo.write_site(folder, region, seed)
-    return Site(region.name, folder)
+    return demo_site(pid, count)

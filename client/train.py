@@ -1,25 +1,26 @@
-"""Local training and evaluation on one site's cohort. No Flower imports here.
+"""Local training and evaluation on one site's data. No Flower imports here.
 
 Training is seeded by (seed, round, site) so that a round can be replayed with
-the same result, which resuming a run relies on.
+the same result, which resuming a run relies on. One loop serves every task;
+each task supplies the loss of a minibatch.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from client.data.tabular import Split
 from models.oncology import binary_metrics, concordance_index, cox_partial_nll, response_loss
+from models.radiology import classification_metrics
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    endpoint: str = "survival"
     local_epochs: int = 1
     local_steps: int = 0  # > 0: exactly this many minibatch steps instead of epochs
     batch_size: int = 64
@@ -32,62 +33,99 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
     return int(np.random.SeedSequence([seed, server_round, zlib.crc32(site.encode())]).generate_state(1)[0])
 
 
-def _loss(model: nn.Module, endpoint: str, x, time, event, label) -> torch.Tensor:
-    out = model(x)
-    if endpoint == "survival":
-        return cox_partial_nll(out, time, event)
-    return response_loss(out, label)
-
-
-def train(model: nn.Module, data: Split, cfg: TrainSettings, server_round: int, site: str) -> dict[str, float]:
-    """Train in place; returns the mean training loss and the number of steps taken."""
-    generator = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, site))
-    torch.manual_seed(round_seed(cfg.seed, server_round, site))
-    x = torch.from_numpy(data.x)
-    time = torch.from_numpy(data.time)
-    event = torch.from_numpy(data.event)
-    label = torch.from_numpy(data.label) if data.label is not None else None
-    n = len(data)
+def _minibatches(n: int, cfg: TrainSettings, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches for ``local_epochs`` epochs, or exactly ``local_steps`` steps when set."""
     batch = max(1, min(cfg.batch_size, n))
+    steps = 0
+    epoch = 0
+    while (cfg.local_steps > 0 and steps < cfg.local_steps) or (cfg.local_steps <= 0 and epoch < cfg.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch):
+            yield order[start : start + batch]
+            steps += 1
+            if 0 < cfg.local_steps <= steps:
+                return
+        epoch += 1
+
+
+def fit(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        cfg: TrainSettings, server_round: int, site: str) -> dict[str, float]:
+    """Adam on ``batch_loss`` (plus FedProx's proximal term when ``proximal_mu > 0``)."""
+    seed = round_seed(cfg.seed, server_round, site)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
     losses: list[float] = []
-    steps_wanted = cfg.local_steps if cfg.local_steps > 0 else None
-    epochs = cfg.local_epochs if steps_wanted is None else 10**9
-    steps = 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch):
-            idx = order[start : start + batch]
-            loss = _loss(model, cfg.endpoint, x[idx], time[idx], event[idx], None if label is None else label[idx])
-            if global_params is not None:
-                prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
-                loss = loss + 0.5 * cfg.proximal_mu * prox
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            steps += 1
-            if steps_wanted is not None and steps >= steps_wanted:
-                break
-        if steps_wanted is not None and steps >= steps_wanted:
-            break
-    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "local_steps": float(steps)}
+    for idx in _minibatches(n, cfg, generator):
+        loss = batch_loss(idx, generator)
+        if global_params is not None:
+            prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
+            loss = loss + 0.5 * cfg.proximal_mu * prox
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "local_steps": float(len(losses))}
+
+
+def train_tabular(model: nn.Module, data, endpoint: str, cfg: TrainSettings, server_round: int,
+                  site: str) -> dict[str, float]:
+    x, time, event = torch.from_numpy(data.x), torch.from_numpy(data.time), torch.from_numpy(data.event)
+    label = torch.from_numpy(data.label) if data.label is not None else None
+
+    def batch_loss(idx, _generator):
+        out = model(x[idx])
+        return cox_partial_nll(out, time[idx], event[idx]) if endpoint == "survival" else response_loss(out, label[idx])
+
+    return fit(model, len(data), batch_loss, cfg, server_round, site)
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Training-only augmentation with MONAI transforms, seeded from the round's generator."""
+    from monai.transforms import Compose, RandAffine, RandGaussianNoise, RandScaleIntensity
+
+    transform = Compose([
+        RandAffine(prob=0.7, rotate_range=0.1, translate_range=(3, 3), scale_range=0.05, padding_mode="border"),
+        RandScaleIntensity(factors=0.1, prob=0.5),
+        RandGaussianNoise(prob=0.3, std=0.05),
+    ])
+    transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    return torch.stack([torch.as_tensor(transform(img)) for img in images]).float()
+
+
+def train_images(model: nn.Module, data, cfg: TrainSettings, server_round: int, site: str,
+                 augment: bool = True) -> dict[str, float]:
+    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def batch_loss(idx, generator):
+        batch = _augment(images[idx], generator) if augment else images[idx]
+        return loss_fn(model(batch), labels[idx])
+
+    return fit(model, len(data), batch_loss, cfg, server_round, site)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Split) -> np.ndarray:
+def predict(model: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
     model.eval()
-    return model(torch.from_numpy(data.x)).numpy().astype(np.float64)
+    return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)]
+                          ).astype(np.float64)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Split, endpoint: str) -> dict[str, float]:
+def evaluate_tabular(model: nn.Module, data, endpoint: str) -> dict[str, float]:
     """Loss and the endpoint's metrics on one split (full batch)."""
-    out = predict(model, data)
+    out = predict(model, data.x)
     if endpoint == "survival":
         loss = cox_partial_nll(torch.from_numpy(out), torch.from_numpy(data.time), torch.from_numpy(data.event))
         return {"loss": float(loss), "c_index": concordance_index(data.time, out, data.event)}
     loss = response_loss(torch.from_numpy(out), torch.from_numpy(data.label))
     return {"loss": float(loss), **binary_metrics(out, data.label)}
+
+
+def evaluate_images(model: nn.Module, data, target: str) -> dict[str, float]:
+    logits = predict(model, data.images)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(data.labels))
+    prob = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    return {"loss": float(loss), **classification_metrics(prob, data.labels, target)}

@@ -15,18 +15,27 @@ import torch
 from torch import nn
 
 from models.oncology import ENDPOINTS, TabularNet
+from models.radiology import build_radiology_model
 
-TASKS = ("oncology",)
+TASKS = ("oncology", "radiology")
+DEFAULT_MODEL = {"oncology": "linear", "radiology": "small-cnn"}
 
 
-def build_model(task: str, endpoint: str, model: str, num_features: int) -> nn.Module:
-    """Build the task's network; ``num_features`` comes from the sites' common schema."""
-    if task != "oncology":
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"unknown endpoint {endpoint!r}; choose one of {ENDPOINTS}")
+def build_model(task: str, model: str, *, endpoint: str = "survival", num_features: int = 0,
+                target: str = "kl-grade", image_size: int = 64) -> nn.Module:
+    """Build the task's network with fixed initial weights.
+
+    oncology: ``endpoint`` and ``num_features`` (from the sites' common schema);
+    radiology: ``target`` and ``image_size``.
+    """
     torch.manual_seed(0)  # identical initial weights wherever the model is built
-    return TabularNet(num_features, kind=model, bias=endpoint == "response")
+    if task == "oncology":
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}; choose one of {ENDPOINTS}")
+        return TabularNet(num_features, kind=model, bias=endpoint == "response")
+    if task == "radiology":
+        return build_radiology_model(model, target, image_size)
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
 def model_hash(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> str:

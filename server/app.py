@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from logging import INFO
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from models.registry import build_model
 from server.settings import RunSettings
 from server.sites import FederationError, discover_sites
 from server.strategy import ReportingStrategy, build_strategy
@@ -25,7 +23,7 @@ def main(grid: Grid, context: Context) -> None:
     sites = discover_sites(grid, settings.min_nodes, settings.round_timeout)
     features = list(next(iter(sites.values())).features)
     log(INFO, "fedhosp: %d sites: %s", len(sites), ", ".join(sorted(s.name for s in sites.values())))
-    model = build_model(settings.task, settings.endpoint, settings.model, len(features))
+    model = settings.build_model(len(features))
 
     train_config = ConfigRecord({
         "lr": settings.lr, "local-epochs": settings.local_epochs, "local-steps": settings.local_steps,
@@ -42,5 +40,5 @@ def main(grid: Grid, context: Context) -> None:
         if not result.train_metrics_clientapp:
             raise FederationError("no round produced an aggregated model: every site failed (see failures/ in MLflow)")
         model.load_state_dict(result.arrays.to_torch_state_dict())
-        summary = tracker.finish(model, features, torch.zeros(2, len(features)).numpy())
+        summary = tracker.finish(model, features, settings.input_example(len(features)))
     log(INFO, "fedhosp summary: %s", json.dumps(summary))

@@ -11,7 +11,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 class RunSettings:
     task: str = "oncology"
     endpoint: str = "survival"
-    model: str = "linear"
+    model: str = ""  # "" = the task's default (oncology: linear, radiology: small-cnn)
+    target: str = "kl-grade"
+    image_size: int = 64
     strategy: str = "fedavg"
     num_server_rounds: int = 5
     local_epochs: int = 2
@@ -36,19 +38,32 @@ class RunSettings:
             if name in known:
                 default = getattr(cls, name)
                 values[name] = type(default)(value)
+        if not values.get("model"):
+            from models.registry import DEFAULT_MODEL
+
+            values["model"] = DEFAULT_MODEL.get(values.get("task", cls.task), "")
         settings = cls(**values)
         settings.check()
         return settings
 
     def check(self) -> None:
-        from models.oncology import ENDPOINTS, MODELS
+        from models import oncology, radiology
+        from models.registry import TASKS
 
-        if self.task != "oncology":
-            raise ValueError(f"run-config task={self.task!r} is not available; use 'oncology'")
-        if self.endpoint not in ENDPOINTS:
-            raise ValueError(f"run-config endpoint={self.endpoint!r}; choose one of {ENDPOINTS}")
-        if self.model not in MODELS:
-            raise ValueError(f"run-config model={self.model!r}; choose one of {MODELS}")
+        if self.task not in TASKS:
+            raise ValueError(f"run-config task={self.task!r}; choose one of {TASKS}")
+        if self.task == "oncology":
+            if self.endpoint not in oncology.ENDPOINTS:
+                raise ValueError(f"run-config endpoint={self.endpoint!r}; choose one of {oncology.ENDPOINTS}")
+            if self.model not in oncology.MODELS:
+                raise ValueError(f"run-config model={self.model!r} for oncology; choose one of {oncology.MODELS}")
+        else:
+            if self.target not in radiology.TARGETS:
+                raise ValueError(f"run-config target={self.target!r}; choose one of {tuple(radiology.TARGETS)}")
+            if self.model not in radiology.MODELS:
+                raise ValueError(f"run-config model={self.model!r} for radiology; choose one of {radiology.MODELS}")
+            if not 16 <= self.image_size <= 1024:
+                raise ValueError("run-config image-size must be between 16 and 1024")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"run-config strategy={self.strategy!r}; choose one of {STRATEGIES}")
         if self.num_server_rounds < 1:
@@ -57,6 +72,24 @@ class RunSettings:
             raise ValueError("run-config needs local-epochs >= 1 or local-steps >= 1")
         if self.batch_size < 2:
             raise ValueError("run-config batch-size must be at least 2 (a Cox risk set needs pairs)")
+
+    @property
+    def outcome(self) -> str:
+        """What the model predicts: the oncology endpoint or the radiology target."""
+        return self.endpoint if self.task == "oncology" else self.target
+
+    def build_model(self, num_features: int = 0):
+        from models.registry import build_model
+
+        return build_model(self.task, self.model, endpoint=self.endpoint, num_features=num_features,
+                           target=self.target, image_size=self.image_size)
+
+    def input_example(self, num_features: int = 0):
+        import numpy as np
+
+        if self.task == "oncology":
+            return np.zeros((2, num_features), dtype=np.float32)
+        return np.zeros((2, 1, self.image_size, self.image_size), dtype=np.float32)
 
     def as_params(self) -> dict[str, object]:
         """The whole run config under its kebab-case keys, for MLflow params."""

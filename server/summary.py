@@ -28,6 +28,10 @@ def find_summary(uri: str, flwr_run_id: int) -> dict | None:
     return summary
 
 
+METRICS = {"survival": ["c_index"], "response": ["auc", "accuracy"], "kl-grade": ["auc", "kappa", "accuracy"],
+           "referral": ["auc", "sensitivity", "specificity"]}
+
+
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -41,21 +45,19 @@ def ui_command(uri: str) -> str:
 
 
 def print_summary(summary: dict, console: Console) -> None:
-    metric = "c_index" if summary["endpoint"] == "survival" else "auc"
-    table = Table(title=f"fedhosp run {summary['flwr_run_id']}: {summary['rounds']} rounds, {summary['strategy']}, "
-                        f"endpoint {summary['endpoint']}")
-    table.add_column("site")
-    table.add_column("train patients", justify="right")
-    table.add_column("test patients", justify="right")
-    table.add_column(metric, justify="right")
-    table.add_column("eval loss", justify="right")
+    metrics = METRICS.get(summary["outcome"], ["auc", "accuracy"])
+    unit = "patients" if summary["task"] == "oncology" else "images"
+    table = Table(title=f"fedhosp run {summary['flwr_run_id']}: {summary['task']} ({summary['outcome']}), "
+                        f"{summary['rounds']} rounds, {summary['strategy']}")
+    for column in ["site", f"train {unit}", f"test {unit}", *metrics, "eval loss"]:
+        table.add_column(column, justify="left" if column == "site" else "right")
     for name, site in sorted(summary["sites"].items()):
         table.add_row(name, _fmt(site.get("num_patients")), _fmt(site.get("num_test_patients")),
-                      _fmt(site.get(metric)), _fmt(site.get("loss")))
+                      *[_fmt(site.get(m)) for m in metrics], _fmt(site.get("loss")))
     agg = summary.get("aggregate", {})
     table.add_row("[bold]federation[/] (weighted)", _fmt(sum(s.get("num_patients", 0) for s in summary["sites"].values())),
                   _fmt(sum(s.get("num_test_patients", 0) for s in summary["sites"].values())),
-                  f"[bold]{_fmt(agg.get(metric))}[/]", _fmt(agg.get("loss")))
+                  *[f"[bold]{_fmt(agg.get(m))}[/]" for m in metrics], _fmt(agg.get("loss")))
     console.print(table)
     if summary.get("failures"):
         console.print(f"[yellow]site failures by round[/]: {summary['failures']}")

@@ -33,7 +33,7 @@ def tracking_uri(settings: RunSettings) -> str:
 
 
 def registered_name(settings: RunSettings) -> str:
-    return f"fedhosp-{settings.task}-{settings.endpoint}"
+    return f"fedhosp-{settings.task}-{settings.outcome}"
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
@@ -69,7 +69,7 @@ class Tracker:
         tags = {
             FLWR_RUN_TAG: str(self.flwr_run_id),
             "fedhosp.task": self.settings.task,
-            "fedhosp.endpoint": self.settings.endpoint,
+            "fedhosp.outcome": self.settings.outcome,
             "fedhosp.sites": ",".join(s.name for s in self.sites),
         }
         run = mlflow.start_run(
@@ -123,8 +123,8 @@ class Tracker:
         folder = fedhosp_home() / "models" / self.run_id
         folder.mkdir(parents=True, exist_ok=True)
         spec = {
-            "task": self.settings.task, "endpoint": self.settings.endpoint, "model": self.settings.model,
-            "features": features, "model_hash": digest, "flwr_run_id": self.flwr_run_id,
+            "task": self.settings.task, "outcome": self.settings.outcome, "model": self.settings.model,
+            "features": features, "image_size": self.settings.image_size if self.settings.task == "radiology" else None, "model_hash": digest, "flwr_run_id": self.flwr_run_id,
             "mlflow_run_id": self.run_id,
         }
         torch.save(state, folder / "model.pt")
@@ -149,7 +149,8 @@ class Tracker:
             "tracking_uri": self.uri,
             "experiment": self.settings.mlflow_experiment,
             "rounds": len(self.rounds),
-            "endpoint": self.settings.endpoint,
+            "task": self.settings.task,
+            "outcome": self.settings.outcome,
             "strategy": self.settings.strategy,
             "registered_model": f"models:/{registered_name(self.settings)}/{version}" if version else None,
             "model_file": str(folder / "model.pt"),

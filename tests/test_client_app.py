@@ -25,7 +25,7 @@ def _context(folder, site="Sjælland", **run_config) -> Context:
 
 
 def _train_content(endpoint="survival", model="linear", **config) -> RecordDict:
-    net = build_model("oncology", endpoint, model, len(demo.FEATURES))
+    net = build_model("oncology", model, endpoint=endpoint, num_features=len(demo.FEATURES))
     cfg = {"lr": 0.01, "local-epochs": 1, "local-steps": 0, "batch-size": 32, "seed": 42, "server-round": 1}
     cfg.update(config)
     return RecordDict({"arrays": ArrayRecord(net.state_dict()), "config": ConfigRecord(cfg)})
@@ -102,7 +102,7 @@ def test_query_describes_site_schema_and_counts_without_rows(site_dir):
 
 def test_an_unexpected_error_leaves_the_node_without_its_details(site_dir):
     # a state dict for a different model: torch's error would quote tensor shapes and names
-    wrong = build_model("oncology", "survival", "mlp", len(demo.FEATURES))
+    wrong = build_model("oncology", "mlp", num_features=len(demo.FEATURES))
     content = RecordDict({"arrays": ArrayRecord(wrong.state_dict()), "config": _train_content()["config"]})
     with pytest.raises(RuntimeError) as err:
         app(_message(MessageType.TRAIN, content), _context(site_dir))

@@ -115,7 +115,7 @@ def test_bad_site_data_fails_the_run_with_a_clear_error_and_no_finished_mlflow_r
 
 def _pooled_cox_fit(cohorts) -> torch.nn.Module:
     """Centralised fit of the same linear Cox model on all training splits (site-stratified risk sets)."""
-    model = build_model("oncology", "survival", "linear", len(cohorts[0].features)).double()
+    model = build_model("oncology", "linear", num_features=len(cohorts[0].features)).double()
     opt = torch.optim.LBFGS(model.parameters(), max_iter=500, line_search_fn="strong_wolfe")
     parts = [(torch.tensor(c.train.x, dtype=torch.float64), torch.tensor(c.train.time), torch.tensor(c.train.event))
              for c in cohorts]
@@ -154,7 +154,7 @@ def test_main_job_recovers_the_pooled_cox_fit_on_the_five_demo_regions(flower_en
     uri = f"sqlite:///{flower_env['FEDHOSP_HOME']}/mlflow.db"
     _, runs = _runs(uri, "recovery")
     summary = find_summary(uri, int(runs[0].data.tags[FLWR_RUN_TAG]))
-    federated = build_model("oncology", "survival", "linear", len(demo.FEATURES))
+    federated = build_model("oncology", "linear", num_features=len(demo.FEATURES))
     federated.load_state_dict(torch.load(summary["model_file"]))
 
     folder = lambda r: f"{flower_env['FEDHOSP_HOME']}/demo/oncology-seed42/{r.name}"  # noqa: E731

@@ -1,0 +1,93 @@
+"""What differs between tasks on a node: which data, which model, which loop.
+
+The ClientApp handlers stay task-agnostic; each task knows how to find its
+demo site, load and describe its data, and train and evaluate on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from client import train as local
+from client.site import Site, fedhosp_home
+from models.registry import DEFAULT_MODEL, build_model
+
+
+class OncologyTask:
+    def __init__(self, run_config: dict, node_config: dict):
+        self.endpoint = str(run_config.get("endpoint", "survival"))
+        self.model = str(run_config.get("model") or DEFAULT_MODEL["oncology"])
+        self.seed = int(run_config.get("seed", 42))
+
+    def demo_site(self, pid: int, count: int) -> Site:
+        from client.data import demo
+
+        region = demo.regions(count, self.seed)[pid]
+        folder = fedhosp_home() / "demo" / f"oncology-seed{self.seed}" / region.name
+        demo.write_site(folder, region, self.seed)
+        return Site(region.name, folder)
+
+    def load(self, site: Site):
+        from client.data.tabular import load_cohort
+
+        return load_cohort(site.folder, site.name, self.endpoint, self.seed)
+
+    def describe(self, data) -> tuple[list[str], dict[str, float]]:
+        return list(data.features), {"skipped-rows": sum(data.skipped.values())}
+
+    def build(self, data) -> nn.Module:
+        return build_model("oncology", self.model, endpoint=self.endpoint, num_features=len(data.features))
+
+    def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
+        return local.train_tabular(model, data.train, self.endpoint, cfg, server_round, site)
+
+    def evaluate(self, model, data) -> dict[str, float]:
+        return local.evaluate_tabular(model, data.test, self.endpoint)
+
+
+class RadiologyTask:
+    def __init__(self, run_config: dict, node_config: dict):
+        self.target = str(run_config.get("target", "kl-grade"))
+        self.model = str(run_config.get("model") or DEFAULT_MODEL["radiology"])
+        self.image_size = int(run_config.get("image-size", 64))
+        self.seed = int(run_config.get("seed", 42))
+        cache = node_config.get("cache-dir")
+        self.cache_dir = Path(str(cache)) if cache else None
+
+    def demo_site(self, pid: int, count: int) -> Site:
+        from client.data import radiology_demo
+
+        region = radiology_demo.radiology_regions(count, self.seed)[pid]
+        folder = fedhosp_home() / "demo" / f"radiology-seed{self.seed}" / region.name
+        radiology_demo.write_radiology_site(folder, region, self.seed)
+        return Site(region.name, folder)
+
+    def load(self, site: Site):
+        from client.data.dicom import load_radiology_site
+
+        return load_radiology_site(site.folder, site.name, image_size=self.image_size, seed=self.seed,
+                                   target=self.target, cache_dir=self.cache_dir)
+
+    def describe(self, data) -> tuple[list[str], dict[str, float]]:
+        return [], {"skipped-rows": sum(data.skipped.values())}
+
+    def build(self, data) -> nn.Module:
+        return build_model("radiology", self.model, target=self.target, image_size=self.image_size)
+
+    def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
+        return local.train_images(model, data.train, cfg, server_round, site)
+
+    def evaluate(self, model, data) -> dict[str, float]:
+        return local.evaluate_images(model, data.test, self.target)
+
+
+TASKS = {"oncology": OncologyTask, "radiology": RadiologyTask}
+
+
+def task_for(run_config: dict, node_config: dict):
+    name = str(run_config.get("task", "oncology"))
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}")
+    return TASKS[name](run_config, node_config)
