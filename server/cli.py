@@ -8,10 +8,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from client.site_check import site_app
 
 app = typer.Typer(help="fedhosp: federated learning for hospitals (Flower + MLflow).", no_args_is_help=True)
-console = Console()
+app.add_typer(site_app, name="site", help="Check a hospital's site folder before it joins a federation.")
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -60,12 +62,17 @@ def demo_data(
     out: Path = typer.Argument(..., help="Folder to write one site folder per region into."),
     sites: int = typer.Option(5, "--sites", "-n"),
     seed: int = typer.Option(42, "--seed"),
+    task: str = typer.Option("oncology", "--task", help="oncology (cohort.csv) or radiology (DICOM + labels.csv)."),
 ) -> None:
-    """Write the synthetic regional oncology cohorts (cohort.csv per site)."""
-    from client.data.demo import write_demo
-
-    for folder in write_demo(out, sites, seed):
-        console.print(f"wrote {folder / 'cohort.csv'}")
+    """Write the synthetic regional demo sites, usable as run-config data-root."""
+    if task == "radiology":
+        from client.data.radiology_demo import write_radiology_demo as write
+    elif task == "oncology":
+        from client.data.demo import write_demo as write
+    else:
+        raise typer.BadParameter("choose oncology or radiology", param_hint="--task")
+    for folder in write(out, sites, seed):
+        console.print(f"wrote {folder}")
 
 
 def main() -> None:  # pragma: no cover

@@ -67,8 +67,10 @@ class ReportingStrategy(Strategy):
             if msg.has_error():
                 self.current.failures[self._site(msg)] = reason_text(msg.error.reason)
             elif "metrics" in msg.content.metric_records:
-                into[self._site(msg)] = {k: float(v) for k, v in msg.content["metrics"].items()
-                                         if isinstance(v, (int, float))}
+                numbers = {k: float(v) for k, v in msg.content["metrics"].items() if isinstance(v, (int, float))}
+                if "arrays" in msg.content.array_records:  # what actually left the site, in bytes
+                    numbers["update_bytes"] = float(sum(len(a.data) for a in msg.content["arrays"].values()))
+                into[self._site(msg)] = numbers
         return replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):

@@ -1,0 +1,108 @@
+"""``fedhosp site check DIR``: what a node would use from its site folder, before it joins a federation.
+
+It runs on the node and prints locally: hospital IT sees how many images or
+patients are usable, what was skipped and why, the class balance and a data
+fingerprint (a SHA-256 over the data's content, never names or identifiers) to
+tell later whether the data changed. A radiology check fills the node's image
+cache, so the first round does not decode again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from client.data import dicom
+from client.data.tabular import COHORT_FILE, SiteDataError, load_cohort
+
+site_app = typer.Typer(no_args_is_help=True)
+
+
+class Task(str, Enum):
+    radiology = "radiology"
+    oncology = "oncology"
+
+
+@site_app.callback()
+def _group() -> None:
+    """Check a hospital's site folder before it joins a federation."""
+
+
+@site_app.command()
+def check(
+    folder: Annotated[Path, typer.Argument(help="The site's data folder.")],
+    task: Annotated[Task | None, typer.Option(
+        help=f"radiology (DICOM + {dicom.LABELS_FILE}) or oncology ({COHORT_FILE}); "
+             f"default: oncology when the folder holds {COHORT_FILE}.")] = None,
+    site: Annotated[str | None, typer.Option(help="The site's name; default: the folder's name.")] = None,
+    image_size: Annotated[int, typer.Option(min=8, help="Radiology: the model's image side, in pixels.")] = 64,
+) -> None:
+    """Print usable and skipped data, class balance and the data fingerprint; exit 1 if nothing is usable."""
+    console = Console()
+    name = site or folder.resolve().name
+    if task is None:
+        task = Task.oncology if (folder / COHORT_FILE).is_file() else Task.radiology
+    try:
+        usable = _oncology(console, folder, name) if task is Task.oncology else _radiology(
+            console, folder, name, image_size)
+    except SiteDataError as exc:
+        Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(exc)))
+        raise typer.Exit(1) from None
+    if not usable:
+        raise typer.Exit(1)
+
+
+def _radiology(console: Console, folder: Path, name: str, image_size: int) -> int:
+    report = dicom.site_report(folder, name, image_size)
+    summary = _table(f"site {name}: radiology", "", "")
+    summary.add_row("usable images", str(report["usable"]))
+    summary.add_row("patients", str(report["patients"]))
+    summary.add_row(f"{dicom.LABELS_FILE} rows without an image", str(report["unmatched_labels"]))
+    summary.add_row("images decoded now (not cached)", str(report["decoded"]))
+    console.print(summary)
+    _print_skipped(console, report["skipped"], "files")
+    balance = _table("class balance", "KL grade", "images")
+    for grade, count in report["class_counts"].items():
+        balance.add_row(str(grade), _share(count, report["usable"]))
+    console.print(balance)
+    console.print(f"fingerprint: {report['fingerprint']}")
+    return report["usable"]
+
+
+def _oncology(console: Console, folder: Path, name: str) -> int:
+    cohort = load_cohort(folder, name)
+    events = np.concatenate([cohort.train.event, cohort.test.event])
+    summary = _table(f"site {name}: oncology", "", "")
+    summary.add_row("usable patients", f"{len(events)} ({len(cohort.train)} train, {len(cohort.test)} test)")
+    summary.add_row("features", ", ".join(cohort.features))
+    summary.add_row("event rate", f"{events.mean():.1%}")
+    console.print(summary)
+    _print_skipped(console, cohort.skipped, "rows")
+    console.print(f"fingerprint: {hashlib.sha256((folder / COHORT_FILE).read_bytes()).hexdigest()}")
+    return len(events)
+
+
+def _print_skipped(console: Console, skipped: dict[str, int], what: str) -> None:
+    table = _table(f"skipped {what}: {sum(skipped.values())}", "reason", what)
+    for reason, count in sorted(skipped.items(), key=lambda item: (-item[1], item[0])):
+        table.add_row(reason, str(count))
+    console.print(table)
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left", show_header=any(columns))
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="right" if i else "left")
+    return table
+
+
+def _share(count: int, total: int) -> str:
+    return f"{count} ({count / total:.0%})" if total else "0"
