@@ -89,8 +89,45 @@ def local_superlink(env: dict[str, str], startup_timeout: float = 60.0):
         stop_process_group(process)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (Linux); elsewhere none."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _stop_pids(pids: list[int], grace: float) -> None:
+    """SIGTERM, wait up to ``grace``, SIGKILL what is still there."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in alive):
+            time.sleep(0.2)
+
+
 def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left."""
+    """SIGTERM the process group, then SIGKILL whatever is left, descendants in other groups too.
+
+    The SuperLink starts flower-superexec in a session of its own, and that one
+    starts flwr-simulation and Ray; stopping the SuperLink mid-run (Ctrl-C)
+    would leave them (and Ray's agents) behind, so they are collected first.
+    """
+    below = _descendants(process.pid)
     try:
         pgid = os.getpgid(process.pid)
     except ProcessLookupError:
@@ -99,7 +136,7 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
             process.wait(timeout=wait)
         except subprocess.TimeoutExpired:
@@ -109,7 +146,8 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        return
+        break
+    _stop_pids(below, grace)
 
 
 @dataclass
@@ -134,10 +172,30 @@ def _config_arg(values: dict[str, object]) -> str:
     return " ".join(f"{k}={toml(v)}" for k, v in values.items())
 
 
+def connection(env: dict[str, str]) -> str:
+    """A named SuperLink connection to our own local SuperLink in ``$FLWR_HOME/config.toml``.
+
+    Flower's default ``local`` connection starts a detached SuperLink whenever
+    none answers, even for ``flwr ls``; an explicit address never does, so a
+    status poll after a crash cannot leave a stray SuperLink behind.
+    """
+    port = _port(env)
+    name = f"fedhosp-{port}"
+    path = Path(env["FLWR_HOME"]) / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text(encoding="utf-8") if path.exists() else (
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    if f"[superlink.{name}]" not in text:
+        text += f'\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        path.write_text(text, encoding="utf-8")
+    return name
+
+
 def flwr_run(app_dir: Path, env: dict[str, str], run_config: dict[str, object], num_supernodes: int,
              echo=None, timeout: float = 3600.0) -> RunOutcome:
     """Submit the run, stream its log, wait for its final status."""
-    command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", f"num-supernodes={num_supernodes}"]
+    command = ["flwr", "run", str(app_dir), connection(env), "--stream",
+               "--federation-config", f"num-supernodes={num_supernodes}"]
     if run_config:
         command += ["--run-config", _config_arg(run_config)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -167,7 +225,7 @@ def flwr_run(app_dir: Path, env: dict[str, str], run_config: dict[str, object], 
 
 
 def run_status(run_id: int, env: dict[str, str]) -> str:
-    out = subprocess.run(["flwr", "ls", "--run-id", str(run_id), "--format", "json"], env=env,
+    out = subprocess.run(["flwr", "ls", connection(env), "--run-id", str(run_id), "--format", "json"], env=env,
                          capture_output=True, text=True, check=False)
     try:
         runs = json.loads(out.stdout)["runs"]

@@ -5,21 +5,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+# What an empty model, lr = 0 or batch-size = 0 in the run config stand for, per task:
+# a Cox loss needs large batches (risk sets); the image CNN diverges at the Cox learning rate.
+TASK_DEFAULTS = {
+    "oncology": {"model": "linear", "lr": 0.01, "batch_size": 64},
+    "radiology": {"model": "small-cnn", "lr": 0.003, "batch_size": 16},
+}
 
 
 @dataclass(frozen=True)
 class RunSettings:
     task: str = "oncology"
     endpoint: str = "survival"
-    model: str = ""  # "" = the task's default (oncology: linear, radiology: small-cnn)
+    model: str = ""  # "", 0: the task's default, see TASK_DEFAULTS
     target: str = "kl-grade"
     image_size: int = 64
     strategy: str = "fedavg"
     num_server_rounds: int = 5
     local_epochs: int = 2
     local_steps: int = 0
-    batch_size: int = 64
-    lr: float = 0.01
+    batch_size: int = 0
+    lr: float = 0.0
     server_lr: float = 0.1
     proximal_mu: float = 0.1
     seed: int = 42
@@ -38,10 +44,9 @@ class RunSettings:
             if name in known:
                 default = getattr(cls, name)
                 values[name] = type(default)(value)
-        if not values.get("model"):
-            from models.registry import DEFAULT_MODEL
-
-            values["model"] = DEFAULT_MODEL.get(values.get("task", cls.task), "")
+        for name, default in TASK_DEFAULTS.get(values.get("task", cls.task), {}).items():
+            if not values.get(name):
+                values[name] = default
         settings = cls(**values)
         settings.check()
         return settings

@@ -52,11 +52,11 @@ def print_summary(summary: dict, console: Console) -> None:
     for column in ["site", f"train {unit}", f"test {unit}", *metrics, "eval loss"]:
         table.add_column(column, justify="left" if column == "site" else "right")
     for name, site in sorted(summary["sites"].items()):
-        table.add_row(name, _fmt(site.get("num_patients")), _fmt(site.get("num_test_patients")),
+        table.add_row(name, _fmt(site.get("num_train")), _fmt(site.get("num_test")),
                       *[_fmt(site.get(m)) for m in metrics], _fmt(site.get("loss")))
     agg = summary.get("aggregate", {})
-    table.add_row("[bold]federation[/] (weighted)", _fmt(sum(s.get("num_patients", 0) for s in summary["sites"].values())),
-                  _fmt(sum(s.get("num_test_patients", 0) for s in summary["sites"].values())),
+    table.add_row("[bold]federation[/] (weighted)", _fmt(sum(s.get("num_train", 0) for s in summary["sites"].values())),
+                  _fmt(sum(s.get("num_test", 0) for s in summary["sites"].values())),
                   *[f"[bold]{_fmt(agg.get(m))}[/]" for m in metrics], _fmt(agg.get("loss")))
     console.print(table)
     if summary.get("failures"):

@@ -61,6 +61,7 @@ class Tracker:
         self.uri = tracking_uri(settings)
         self.rounds: list[SiteRound] = []
         self.run_id = ""
+        self.unit = "patients" if settings.task == "oncology" else "images"  # what num-examples counts
 
     def __enter__(self) -> "Tracker":
         mlflow.set_tracking_uri(self.uri)
@@ -96,7 +97,7 @@ class Tracker:
         metrics: dict[str, float] = {
             "federation/round_duration_s": r.duration_s,
             "federation/failed_sites": float(len(r.failures)),
-            "federation/num_patients": float(sum(m.get("num-examples", 0) for m in r.train.values())),
+            f"federation/num_{self.unit}": float(sum(m.get("num-examples", 0) for m in r.train.values())),
         }
         for key, value in r.train_aggregate.items():
             if key != "num-examples":
@@ -108,9 +109,9 @@ class Tracker:
             name = site.name
             metrics[f"{name}/failed"] = 1.0 if name in r.failures else 0.0
             for key, value in r.train.get(name, {}).items():
-                metrics[f"{name}/{'num_patients' if key == 'num-examples' else key}"] = value
+                metrics[f"{name}/{f'num_{self.unit}' if key == 'num-examples' else key}"] = value
             for key, value in r.evaluate.get(name, {}).items():
-                renamed = {"num-examples": "num_test_patients", "loss": "eval_loss"}.get(key, key)
+                renamed = {"num-examples": f"num_test_{self.unit}", "loss": "eval_loss"}.get(key, key)
                 metrics[f"{name}/{renamed}"] = value
         mlflow.log_metrics(metrics, step=r.server_round)
         if r.failures:
@@ -157,7 +158,7 @@ class Tracker:
             "model_hash": digest,
             "log_model_seconds": round(time.perf_counter() - started, 2),
             "sites": {s.name: {**(last.evaluate.get(s.name, {}) if last else {}),
-                               "num_patients": s.num_train, "num_test_patients": s.num_test} for s in self.sites},
+                               "num_train": s.num_train, "num_test": s.num_test} for s in self.sites},
             "aggregate": last.evaluate_aggregate if last else {},
             "failures": {r.server_round: r.failures for r in self.rounds if r.failures},
         }

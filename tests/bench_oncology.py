@@ -6,13 +6,14 @@ split (``load_cohort`` with the same seed, so all methods see the same
 patients) for:
 
 * pooled: one linear Cox model fitted centrally on all training splits, with a
-  site-stratified partial likelihood, i.e. the best a federation could do;
+  site-stratified partial likelihood, i.e. the model a federation tries to reach;
 * site alone: the same model fitted on one site's training split only, i.e.
   what a hospital gets without the federation (and how it transfers);
 * each Flower strategy: a real simulation through ``server.runner`` (one local
   SuperLink for all runs), read back from MLflow like ``fedhosp run`` does,
   together with the framework overhead: mean round wall time divided by the
-  sites' pure local compute (``train_seconds + eval_seconds``) per round.
+  sites' pure local compute (``train_seconds + eval_seconds``) per round, and
+  the fixed cost of a run outside its rounds (start-up, site check, model logging).
 
 Not a pytest test; ``make bench ARGS="--quick"`` or
 ``.venv/bin/python tests/bench_oncology.py --rounds 10``.
@@ -38,7 +39,7 @@ from rich.table import Table
 
 from client.data.demo import write_demo
 from client.data.tabular import SiteCohort, Split, load_cohort
-from client.train import evaluate
+from client.train import evaluate_tabular
 from models.oncology import cox_partial_nll
 from models.registry import build_model
 from server import runner
@@ -102,7 +103,7 @@ def fit_cox(splits: list[Split], num_features: int) -> torch.nn.Module:
     per-site losses do; fitting in float64 to convergence gives the reference
     the federated models are compared with.
     """
-    model = build_model("oncology", "survival", "linear", num_features).double()
+    model = build_model("oncology", "linear", endpoint="survival", num_features=num_features).double()
     data = [(torch.from_numpy(s.x).double(), torch.from_numpy(s.time), torch.from_numpy(s.event)) for s in splits]
     n_events = sum(int(s.event.sum()) for s in splits)
     optimiser = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-9,
@@ -120,7 +121,7 @@ def fit_cox(splits: list[Split], num_features: int) -> torch.nn.Module:
 
 def c_index(model: torch.nn.Module, split: Split) -> float:
     """Harrell's C on one split, computed exactly as the sites' evaluate does."""
-    return evaluate(model, split, "survival")["c_index"]
+    return evaluate_tabular(model, split, "survival")["c_index"]
 
 
 def pooled_fit(cohorts: dict[str, SiteCohort]) -> dict[str, float]:
@@ -162,16 +163,19 @@ def federated_run(env: dict[str, str], uri: str, root: Path, test_sizes: dict[st
     from mlflow.tracking import MlflowClient
 
     sites = list(test_sizes)
-    overrides = {"strategy": strategy, "data-root": str(root), "num-server-rounds": rounds, "seed": seed,
+    overrides = {"task": "oncology", "endpoint": "survival", "model": "linear", "strategy": strategy,
+                 "data-root": str(root), "num-server-rounds": rounds, "seed": seed,
                  "mlflow-uri": uri, "mlflow-experiment": "bench"}
     started = time.perf_counter()
     outcome = runner.flwr_run(APP_DIR, env, overrides, len(sites))
     seconds = time.perf_counter() - started
     summary = find_summary(uri, outcome.run_id) if outcome.ok else None
     if summary is None:
+        console.print(f"[red]{strategy}: run {outcome.run_id} ended {outcome.status}[/]; last lines of its log:")
+        console.out("\n".join(outcome.log.strip().splitlines()[-25:]), highlight=False)
         reason = runner.failure_reason(outcome.log) or (outcome.log.strip().splitlines() or ["no log"])[-1]
         return FedResult(strategy, {}, float("nan"), [], [], [], seconds, f"{outcome.status}: {reason}")
-    seen = {s: summary["sites"].get(s, {}).get("num_test_patients") for s in sites}
+    seen = {s: summary["sites"].get(s, {}).get("num_test") for s in sites}
     if seen != test_sizes:
         return FedResult(strategy, {}, float("nan"), [], [], [], seconds, f"nodes' test splits differ: {seen}")
 
@@ -276,16 +280,16 @@ def timing_table(r: DatasetResult) -> Table:
     """Flower's cost per round against the sites' pure compute (2 cores: clients mostly run in turn)."""
     table = Table(title=f"Round time vs local compute — {r.key}", title_justify="left")
     for name in ("strategy", "round wall s", "compute s\nΣ sites", "compute s\nmax site",
-                 "overhead\n× Σ", "overhead\n× max", "run wall s"):
+                 "overhead\n× Σ", "overhead\n× max", "run wall s", "outside\nrounds s"):
         table.add_column(name, justify="left" if name == "strategy" else "right")
     for f in r.federated:
         if f.error:
-            table.add_row(f.strategy, "[red]failed[/]", *([""] * 5))
+            table.add_row(f.strategy, "[red]failed[/]", *([""] * 6))
             continue
         ratio_sum, ratio_max = overhead(f)
         table.add_row(f.strategy, _f(statistics.fmean(f.round_wall), 2), _f(statistics.fmean(f.compute_sum), 3),
                       _f(statistics.fmean(f.compute_max), 3), _f(ratio_sum, 1), _f(ratio_max, 1),
-                      _f(f.run_seconds, 1))
+                      _f(f.run_seconds, 1), _f(f.run_seconds - sum(f.round_wall), 1))
     return table
 
 
@@ -305,7 +309,8 @@ def key_figures(results: list[DatasetResult], seed: int) -> str:
             lines.append(f"  {f.strategy:<10} {_f(r.mean(f.c_index))} (weighted {_f(f.aggregate)}); "
                          f"round {statistics.fmean(f.round_wall):.2f} s vs compute "
                          f"{statistics.fmean(f.compute_sum) * 1000:.0f} ms → overhead ×{ratio_sum:.1f} "
-                         f"(×{ratio_max:.1f} vs slowest site)")
+                         f"(×{ratio_max:.1f} vs slowest site); run {f.run_seconds:.0f} s, "
+                         f"{f.run_seconds - sum(f.round_wall):.0f} s of it outside rounds")
     return "\n".join(lines)
 
 

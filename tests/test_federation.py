@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -50,10 +51,10 @@ def test_three_round_simulation_tracks_every_round_per_site_in_one_mlflow_run(su
         return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
 
     for key in ("federation/c_index", "federation/train_loss", "federation/eval_loss",
-                "federation/round_duration_s", "federation/num_patients"):
+                "federation/round_duration_s", "federation/num_patients", "federation/failed_sites"):
         assert steps(key) == [1, 2, 3], key
     for site in sites:
-        for key in ("c_index", "train_loss", "eval_loss", "num_patients", "num_test_patients", "failed"):
+        for key in ("c_index", "train_loss", "eval_loss", "num_patients", "num_test_patients", "failed", "update_bytes"):
             assert steps(f"{site}/{key}") == [1, 2, 3], f"{site}/{key}"
     patients = {s: client.get_metric_history(run.info.run_id, f"{s}/num_patients")[-1].value for s in sites}
     assert patients == {s: len(load_cohort(root / s, s, seed=11).train) for s in sites}
@@ -169,3 +170,28 @@ def test_main_job_recovers_the_pooled_cox_fit_on_the_five_demo_regions(flower_en
     for feature, true in demo.TRUE_LOG_HR.items():
         if abs(true) >= 0.2:
             assert np.sign(weights[feature]) == np.sign(true), (feature, weights)
+
+
+def test_radiology_simulation_learns_kl_grades_from_dicom_and_skips_broken_files(superlink, tmp_path, mlflow_uri):
+    from client.data.radiology_demo import write_radiology_demo
+
+    root = tmp_path / "sites"
+    sites = [f.name for f in write_radiology_demo(root, 3, n_images=60)]
+    config = {"task": "radiology", "num-server-rounds": 3, "data-root": str(root), "mlflow-uri": mlflow_uri,
+              "mlflow-experiment": "rad"}
+    outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
+    assert outcome.ok, outcome.log[-3000:]
+
+    client, runs = _runs(mlflow_uri, "rad")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    for site in sites:
+        for key in ("auc", "kappa", "accuracy", "train_loss", "num_images", "num_test_images", "update_bytes"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, f"{site}/{key}")) == [1, 2, 3]
+    final_auc = client.get_metric_history(run_id, "federation/auc")[-1].value
+    assert final_auc > 0.8, final_auc  # chance is 0.5
+    # the broken objects in Syddanmark were skipped and counted, not a crash of the round
+    site_counts = mlflow.artifacts.load_dict(f"{runs[0].info.artifact_uri}/sites.json")
+    assert site_counts["Syddanmark"]["skipped_rows"] == 4 and site_counts["Hovedstaden"]["skipped_rows"] == 0
+    assert runs[0].data.params["model"] == "small-cnn" and runs[0].data.params["lr"] == "0.003"
+    assert client.get_registered_model("fedhosp-radiology-kl-grade") is not None

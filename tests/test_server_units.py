@@ -48,3 +48,13 @@ def test_reason_text_unwraps_supernode_and_simulation_errors():
 
 def test_run_config_overrides_are_passed_as_toml_values():
     assert _config_arg({"a": 1, "b": 0.5, "c": "it's", "d": True}) == 'a=1 b=0.5 c="it\'s" d=true'
+
+
+def test_empty_model_lr_and_batch_size_take_the_tasks_defaults():
+    onc = RunSettings.from_run_config({"task": "oncology", "model": "", "lr": 0.0, "batch-size": 0})
+    rad = RunSettings.from_run_config({"task": "radiology", "model": "", "lr": 0.0, "batch-size": 0})
+    assert (onc.model, onc.lr, onc.batch_size) == ("linear", 0.01, 64)
+    assert (rad.model, rad.lr, rad.batch_size) == ("small-cnn", 0.003, 16)
+    assert RunSettings.from_run_config({"task": "radiology", "lr": 0.1}).lr == 0.1
+    with pytest.raises(ValueError, match="model='linear' for radiology"):
+        RunSettings.from_run_config({"task": "radiology", "model": "linear"})
