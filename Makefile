@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-oncology bench-radiology clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install
+bench: bench-oncology bench-radiology
+
+bench-oncology: install
 	$(BIN)/python tests/bench_oncology.py $(ARGS)
+
+bench-radiology: install
+	$(BIN)/python tests/bench_radiology.py $(ARGS)
 
 clean:
 	rm -rf .fedhosp .pytest_cache

@@ -107,3 +107,47 @@ def test_an_unexpected_error_leaves_the_node_without_its_details(site_dir):
     with pytest.raises(RuntimeError) as err:
         app(_message(MessageType.TRAIN, content), _context(site_dir))
     assert str(err.value) == "site Sjælland: train failed (RuntimeError); details are in the node's log"
+
+
+@pytest.fixture(scope="module")
+def knee_dir(tmp_path_factory):
+    from client.data.radiology_demo import radiology_regions, write_radiology_site
+
+    folder = tmp_path_factory.mktemp("knee") / "Syddanmark"
+    write_radiology_site(folder, radiology_regions(3)[2], n_images=40)  # the region with broken files
+    return folder
+
+
+def _radiology(knee_dir, model="small-cnn", **config):
+    ctx = Context(run_id=1, node_id=7, node_config={"site-name": "Syddanmark", "data-dir": str(knee_dir),
+                                                    "cache-dir": str(knee_dir.parent / "cache")},
+                  state=RecordDict(), run_config={"task": "radiology", "target": "kl-grade", "model": model,
+                                                  "image-size": 64, "seed": 42, "data-root": ""})
+    net = build_model("radiology", model, target="kl-grade", image_size=64)
+    cfg = {"lr": 0.003, "local-epochs": 1, "local-steps": 0, "batch-size": 16, "seed": 42, "server-round": 1}
+    cfg.update(config)
+    return ctx, RecordDict({"arrays": ArrayRecord(net.state_dict()), "config": ConfigRecord(cfg)})
+
+
+def test_radiology_replies_carry_no_dicom_attribute_uid_patient_or_path(knee_dir):
+    import pandas as pd
+
+    ctx, content = _radiology(knee_dir)
+    replies = [app(_message(kind, content), ctx) for kind in (MessageType.QUERY, MessageType.TRAIN, MessageType.EVALUATE)]
+    assert all(not r.has_error() for r in replies)
+    _assert_only_weights_and_numbers(replies[1], with_arrays=True)
+    _assert_only_weights_and_numbers(replies[2], with_arrays=False)
+    assert {"auc", "kappa", "accuracy"} <= set(replies[2].content["metrics"].keys())
+    labels = pd.read_csv(knee_dir / "labels.csv")
+    text = " ".join(repr(r.content) for r in replies)
+    for value in list(labels["SOPInstanceUID"]) + list(labels["PatientID"]) + [str(knee_dir), "Carestream"]:
+        assert str(value) not in text
+    assert replies[0].content["metrics"]["skipped-rows"] == 4  # truncated, SR, Thumbs.db, unlabelled
+
+
+def test_densenet121_trains_a_step_and_returns_every_tensor_it_received(knee_dir):
+    ctx, content = _radiology(knee_dir, model="densenet121", **{"local-steps": 1})
+    reply = app(_message(MessageType.TRAIN, content), ctx)
+    assert not reply.has_error()
+    assert list(reply.content["arrays"].keys()) == list(content["arrays"].keys())
+    assert reply.content["metrics"]["local_steps"] == 1
