@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Our machines hold a CPU build of torch 2.13.0 on disk; GPU users may set TORCH_SPEC="torch" or their own.
 TORCH_SPEC ?= torch==2.13.0
+# The demo keeps its data, MLflow store and models inside the checkout (`make clean` removes them).
+export FEDHOSP_HOME ?= $(CURDIR)/.fedhosp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 
 .PHONY: install demo test bench bench-oncology bench-radiology clean
