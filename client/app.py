@@ -12,25 +12,79 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.data.tabular import SiteDataError
-from client.site import Site, resolve_site
+from client.ledger import Ledger, load_or_create_key
+from client.site import Site, fedhosp_home, resolve_site
 from client.tasks import task_for
 from client.train import TrainSettings
+from models.registry import model_hash
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+FINGERPRINT = "fedhosp.data"
+
+
+def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
+    """Record in the site's own signed ledger what this node received, sent or refused."""
+    try:
+        site = _site(context)
+    except Exception:
+        site = None
+    ledger = site_ledger(context, site)
+    kind = msg.metadata.message_type.split(".")[0]
+    config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
+    entry = {"run_id": context.run_id, "site": site.name if site else None, "round": config.get("server-round"),
+             "received": {"config": config}}
+    if "arrays" in msg.content.array_records:
+        entry["received"]["model_hash"] = model_hash({k: a.numpy() for k, a in msg.content["arrays"].items()})
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:  # the text is what leaves the node (already free of identifiers)
+        ledger.append(f"{kind}-failed", {**entry, "reason": str(exc)})
+        raise
+    sent: dict = {}
+    if "metrics" in reply.content.metric_records:
+        metrics = dict(reply.content["metrics"])
+        sent["num_examples"] = metrics.pop("num-examples", None)
+        sent["metrics"] = metrics
+    if "arrays" in reply.content.array_records:
+        sent["update_hash"] = model_hash({k: a.numpy() for k, a in reply.content["arrays"].items()})
+    fingerprint = context.state.config_records.get(FINGERPRINT)
+    ledger.append(kind, {**entry, "sent": sent,
+                         "data_fingerprint": fingerprint["data-fingerprint"] if fingerprint else None})
+    return reply
+
+
+def site_ledger(context: Context, site: Site | None) -> Ledger:
+    """``<ledger-dir>/run-<id>.jsonl``, signed with ``<ledger-dir>/site_ed25519.pem`` (0600).
+
+    ``ledger-dir`` comes from node config; the default is ``$FEDHOSP_HOME/site-ledgers/<site>``.
+    """
+    folder = context.node_config.get("ledger-dir")
+    folder = Path(str(folder)) if folder else fedhosp_home() / "site-ledgers" / (site.name if site else "unknown")
+    key = load_or_create_key(folder / "site_ed25519.pem")
+    return Ledger(folder / f"run-{context.run_id}.jsonl", key,
+                  {"role": "site", "site": site.name if site else None, "run_id": context.run_id})
+
+
+app = ClientApp(mods=[site_ledger_mod])
 
 
 def _open(context: Context):
-    """The task, this node's site and its data (read through the task's reader and cache)."""
+    """The task, this node's site and its data (read through the task's reader and cache).
+
+    The data's fingerprint is left in ``context.state`` for the site ledger.
+    """
     task = task_for(dict(context.run_config), dict(context.node_config))
     site = _site(context, task)
-    return task, site, task.load(site)
+    data = task.load(site)
+    context.state[FINGERPRINT] = ConfigRecord({"data-fingerprint": task.fingerprint(site, data)})
+    return task, site, data
 
 
 def _site(context: Context, task=None) -> Site:

@@ -6,6 +6,7 @@ demo site, load and describe its data, and train and evaluate on it.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from torch import nn
@@ -36,6 +37,12 @@ class OncologyTask:
 
     def describe(self, data) -> tuple[list[str], dict[str, float]]:
         return list(data.features), {"skipped-rows": sum(data.skipped.values())}
+
+    def fingerprint(self, site: Site, data) -> str:
+        """SHA-256 of cohort.csv: tells later whether the data changed, names nothing."""
+        from client.data.tabular import COHORT_FILE
+
+        return hashlib.sha256((site.folder / COHORT_FILE).read_bytes()).hexdigest()
 
     def build(self, data) -> nn.Module:
         return build_model("oncology", self.model, endpoint=self.endpoint, num_features=len(data.features))
@@ -72,6 +79,9 @@ class RadiologyTask:
 
     def describe(self, data) -> tuple[list[str], dict[str, float]]:
         return [], {"skipped-rows": sum(data.skipped.values())}
+
+    def fingerprint(self, site: Site, data) -> str:
+        return data.fingerprint  # over the used files' content hashes and labels.csv
 
     def build(self, data) -> nn.Module:
         return build_model("radiology", self.model, target=self.target, image_size=self.image_size)

@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 
 from client.site_check import site_app
+from server.audit import audit_app
 
 app = typer.Typer(help="fedhosp: federated learning for hospitals (Flower + MLflow).", no_args_is_help=True)
 app.add_typer(site_app, name="site", help="Check a hospital's site folder before it joins a federation.")
+app.add_typer(audit_app, name="audit", help="Verify, show, reconcile and export ledgers (for auditors).")
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 APP_DIR = Path(__file__).resolve().parent.parent

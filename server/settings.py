@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, fields
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
@@ -96,6 +97,13 @@ class RunSettings:
             return np.zeros((2, num_features), dtype=np.float32)
         return np.zeros((2, 1, self.image_size, self.image_size), dtype=np.float32)
 
-    def as_params(self) -> dict[str, object]:
-        """The whole run config under its kebab-case keys, for MLflow params."""
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+    def as_params(self, redact_paths: bool = False) -> dict[str, object]:
+        """The whole run config under its kebab-case keys, for MLflow params.
+
+        ``redact_paths`` replaces the simulation's ``data-root`` by its SHA-256, for
+        records that must never hold a path of patient data (the ledgers).
+        """
+        params = {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        if redact_paths and params["data-root"]:
+            params["data-root"] = "sha256:" + hashlib.sha256(str(params["data-root"]).encode()).hexdigest()
+        return params

@@ -15,6 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
+from client.ledger import Ledger
+from models.registry import model_hash
 from server.settings import RunSettings
 from server.sites import reason_text
 
@@ -46,52 +48,86 @@ class SiteRound:
     evaluate_aggregate: dict[str, float] = field(default_factory=dict)
 
 
-class ReportingStrategy(Strategy):
-    """Wraps a strategy; calls ``on_round(SiteRound)`` once each round has been evaluated."""
+def arrays_hash(arrays: ArrayRecord) -> str:
+    return model_hash({k: a.numpy() for k, a in arrays.items()})
 
-    def __init__(self, inner: Strategy, site_names: dict[int, str], on_round: Callable[[SiteRound], None]):
+
+class ReportingStrategy(Strategy):
+    """Wraps a strategy; records every round in the ledger and calls ``on_round(SiteRound)``.
+
+    Ledger events per round: ``round-start`` (sampled sites, config, hash of the
+    global model sent), ``update`` / ``update-failed`` per site, ``aggregation``
+    (hash of the new global model), ``evaluation`` / ``evaluation-failed`` per
+    site and ``round-end`` (aggregated evaluation, duration).
+    """
+
+    def __init__(self, inner: Strategy, site_names: dict[int, str], on_round: Callable[[SiteRound], None],
+                 ledger: Ledger):
         self.inner = inner
         self.site_names = site_names
         self.on_round = on_round
+        self.ledger = ledger
         self.current: SiteRound | None = None
 
     def summary(self) -> None:
         self.inner.summary()
 
     def _site(self, msg: Message) -> str:
-        return self.site_names.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+        node = msg.metadata.src_node_id if msg.metadata.src_node_id else msg.metadata.dst_node_id
+        return self.site_names.get(node, f"node-{node}")
 
-    def _collect(self, replies: Iterable[Message], into: dict[str, dict[str, float]]) -> list[Message]:
+    def _collect(self, replies: Iterable[Message], into: dict[str, dict[str, float]], kind: str) -> list[Message]:
         replies = list(replies)
         for msg in replies:
+            site = self._site(msg)
             if msg.has_error():
-                self.current.failures[self._site(msg)] = reason_text(msg.error.reason)
+                reason = reason_text(msg.error.reason)
+                self.current.failures[site] = reason
+                self.ledger.append(f"{kind}-failed", {"round": self.current.server_round, "site": site,
+                                                      "reason": reason})
             elif "metrics" in msg.content.metric_records:
                 numbers = {k: float(v) for k, v in msg.content["metrics"].items() if isinstance(v, (int, float))}
-                if "arrays" in msg.content.array_records:  # what actually left the site, in bytes
+                entry = {"round": self.current.server_round, "site": site,
+                         "num_examples": numbers.get("num-examples"),
+                         "metrics": {k: v for k, v in numbers.items() if k != "num-examples"}}
+                if "arrays" in msg.content.array_records:  # what actually left the site
                     numbers["update_bytes"] = float(sum(len(a.data) for a in msg.content["arrays"].values()))
-                into[self._site(msg)] = numbers
+                    entry["update_hash"] = arrays_hash(msg.content["arrays"])
+                    entry["update_bytes"] = numbers["update_bytes"]
+                into[site] = numbers
+                self.ledger.append(kind, entry)
         return replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.current = SiteRound(server_round, time.perf_counter())
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        sent = dict(messages[0].content["config"]) if messages else dict(config)
+        self.ledger.append("round-start", {
+            "round": server_round, "sites": sorted(self.site_names.get(m.metadata.dst_node_id, "?") for m in messages),
+            "config": sent, "global_model_hash": arrays_hash(arrays)})
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = self._collect(replies, self.current.train)
+        replies = self._collect(replies, self.current.train, "update")
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if metrics is not None:
             self.current.train_aggregate = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.ledger.append("aggregation", {
+            "round": server_round, "sites": sorted(self.current.train),
+            "global_model_hash": arrays_hash(arrays) if arrays is not None else None,
+            "metrics": self.current.train_aggregate})
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = self._collect(replies, self.current.evaluate)
+        replies = self._collect(replies, self.current.evaluate, "evaluation")
         metrics = self.inner.aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.current.evaluate_aggregate = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self.current.duration_s = time.perf_counter() - self.current.started
+        self.ledger.append("round-end", {"round": server_round, "metrics": self.current.evaluate_aggregate,
+                                         "failures": self.current.failures, "duration_s": self.current.duration_s})
         self.on_round(self.current)
         return metrics

@@ -18,6 +18,7 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
+from client.ledger import Ledger
 from client.site import fedhosp_home
 from models.registry import model_hash
 from server.settings import RunSettings
@@ -25,6 +26,7 @@ from server.sites import SiteInfo
 from server.strategy import SiteRound
 
 FLWR_RUN_TAG = "flwr.run_id"
+LEDGER_HEAD_TAG = "fedhosp.ledger_head"
 
 
 def tracking_uri(settings: RunSettings) -> str:
@@ -54,13 +56,15 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
 class Tracker:
     """Context manager around one MLflow run."""
 
-    def __init__(self, settings: RunSettings, flwr_run_id: int, sites: dict[int, SiteInfo]):
+    def __init__(self, settings: RunSettings, flwr_run_id: int, sites: dict[int, SiteInfo], ledger: Ledger):
         self.settings = settings
         self.flwr_run_id = flwr_run_id
         self.sites = sorted(sites.values(), key=lambda s: s.name)
         self.uri = tracking_uri(settings)
         self.rounds: list[SiteRound] = []
         self.run_id = ""
+        self.ledger = ledger
+        self.version: str | None = None
         self.unit = "patients" if settings.task == "oncology" else "images"  # what num-examples counts
 
     def __enter__(self) -> "Tracker":
@@ -116,6 +120,18 @@ class Tracker:
         mlflow.log_metrics(metrics, step=r.server_round)
         if r.failures:
             mlflow.log_dict(r.failures, f"failures/round-{r.server_round:04d}.json")
+        self.log_ledger()
+
+    def log_ledger(self, final: bool = False) -> None:
+        """The ledger as it stands as ``audit/ledger.jsonl``; its head hash as a tag (and on the model version)."""
+        mlflow.log_text(self.ledger.path.read_text(encoding="utf-8"), "audit/ledger.jsonl")
+        mlflow.set_tag(LEDGER_HEAD_TAG, self.ledger.head)
+        if final and self.version is not None:
+            self.client.set_model_version_tag(registered_name(self.settings), self.version, LEDGER_HEAD_TAG,
+                                              self.ledger.head)
+
+    def log_summary(self, summary: dict) -> None:
+        mlflow.log_dict(summary, "summary.json")
 
     def finish(self, model: torch.nn.Module, features: list[str], input_example) -> dict:
         """Save the final model to disk, log it to MLflow, register it; return the run summary."""
@@ -139,8 +155,10 @@ class Tracker:
             input_example=input_example, await_registration_for=60,
         )
         version = info.registered_model_version
+        self.version = str(version) if version is not None else None
         if version is not None:
-            for key, value in {"fedhosp.sites": ",".join(s.name for s in self.sites),
+            contributing = sorted(set().union(*(r.train for r in self.rounds)))  # sites whose updates were used
+            for key, value in {"fedhosp.sites": ",".join(contributing),
                                "fedhosp.model_hash": digest, FLWR_RUN_TAG: str(self.flwr_run_id)}.items():
                 self.client.set_model_version_tag(registered_name(self.settings), str(version), key, value)
         last = self.rounds[-1] if self.rounds else None
@@ -162,5 +180,4 @@ class Tracker:
             "aggregate": last.evaluate_aggregate if last else {},
             "failures": {r.server_round: r.failures for r in self.rounds if r.failures},
         }
-        mlflow.log_dict(summary, "summary.json")
         return summary

@@ -50,3 +50,9 @@ def superlink(flower_env: dict[str, str]):
 @pytest.fixture
 def mlflow_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _own_fedhosp_home(tmp_path, monkeypatch):
+    """Nothing a test does lands in the user's ~/.fedhosp (demo data, caches, ledgers, keys)."""
+    monkeypatch.setenv("FEDHOSP_HOME", str(tmp_path / "fedhosp-home"))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -66,6 +68,16 @@ def test_three_round_simulation_tracks_every_round_per_site_in_one_mlflow_run(su
     assert version.tags["fedhosp.sites"] == ",".join(sorted(sites))
     assert version.run_id == run.info.run_id
 
+    # the audit trail: signed ledgers on both sides that agree, with no patient identifier or data path
+    patient_ids = [pid for s in sites for pid in pd.read_csv(root / s / "cohort.csv")["patient_id"]]
+    records = _check_ledgers(Path(superlink["FEDHOSP_HOME"]), outcome.run_id, run, client, sites,
+                             patient_ids + [str(root)])
+    events = [r["event"] for r in records]
+    assert events[:2] == ["ledger-open", "run-start"] and events[-1] == "run-end"
+    assert events.count("round-start") == 3 and events.count("update") == 9 and events.count("evaluation") == 9
+    assert version.tags["fedhosp.ledger_head"] == records[-1]["hash"] == run.data.tags["fedhosp.ledger_head"]
+    assert records[-1]["data"]["final_model_hash"] == summary["model_hash"]
+
 
 def test_response_endpoint_trains_an_mlp_and_tracks_auc(superlink, tmp_path, mlflow_uri):
     root = tmp_path / "sites"
@@ -78,6 +90,33 @@ def test_response_endpoint_trains_an_mlp_and_tracks_auc(superlink, tmp_path, mlf
     metrics = runs[0].data.metrics
     assert 0.5 < metrics["federation/auc"] <= 1.0
     assert "Hovedstaden/accuracy" in metrics
+
+
+def _check_ledgers(home: Path, flwr_run_id: int, run, client, sites: list[str], forbidden: list[str]) -> list[dict]:
+    """Both ledgers exist, verify against the MLflow head, reconcile, and hold no identifier or path."""
+    from typer.testing import CliRunner
+
+    from client.ledger import read_records
+    from server.audit import audit_app
+
+    cli = CliRunner()
+    coordinator = home / "ledgers" / f"run-{flwr_run_id}.jsonl"
+    site_ledgers = [home / "site-ledgers" / s / f"run-{flwr_run_id}.jsonl" for s in sites]
+    head = run.data.tags["fedhosp.ledger_head"]
+    artifact = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/audit/ledger.jsonl")
+    assert artifact == coordinator.read_text(encoding="utf-8")
+    result = cli.invoke(audit_app, ["verify", str(coordinator), "--head", head,
+                                    "--public-key", str(home / "keys" / "coordinator_ed25519.pub")])
+    assert result.exit_code == 0, result.output
+    for path in site_ledgers:
+        result = cli.invoke(audit_app, ["verify", str(path), "--public-key", str(path.parent / "site_ed25519.pub")])
+        assert result.exit_code == 0, result.output
+    result = cli.invoke(audit_app, ["reconcile", str(coordinator), *map(str, site_ledgers)])
+    assert result.exit_code == 0, result.output
+    text = "".join(p.read_text(encoding="utf-8") for p in [coordinator, *site_ledgers])
+    leaked = [value for value in forbidden if value in text]
+    assert not leaked, leaked[:5]
+    return read_records(coordinator)
 
 
 def _break_missing_event(root):
@@ -195,3 +234,17 @@ def test_radiology_simulation_learns_kl_grades_from_dicom_and_skips_broken_files
     assert site_counts["Syddanmark"]["skipped_rows"] == 4 and site_counts["Hovedstaden"]["skipped_rows"] == 0
     assert runs[0].data.params["model"] == "small-cnn" and runs[0].data.params["lr"] == "0.003"
     assert client.get_registered_model("fedhosp-radiology-kl-grade") is not None
+
+    import pydicom
+
+    uids = []
+    for path in root.rglob("*"):
+        if path.is_file() and path.name != "labels.csv":
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:
+                continue
+            uids += [str(getattr(ds, k)) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                                                   "PatientID") if k in ds]
+    assert len(uids) > 100
+    _check_ledgers(Path(superlink["FEDHOSP_HOME"]), outcome.run_id, runs[0], client, sites, uids + [str(root)])
