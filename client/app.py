@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from client.data.tabular import SiteDataError
 from client.ledger import Ledger, load_or_create_key
+from client.policy import SitePolicy, installed_app_hash
 from client.site import Site, fedhosp_home, resolve_site
 from client.tasks import task_for
 from client.train import TrainSettings
@@ -60,6 +61,17 @@ def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
+def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
+    """Enforce the hospital's policy (node config ``policy``) before any data is read."""
+    site = _site(context)
+    policy = SitePolicy.load(context.node_config.get("policy"), site.name)
+    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    policy.check_run(site.name, str(context.run_config.get("task", "oncology")),
+                     int(context.run_config.get("num-server-rounds", 0)), config.get("server-round"),
+                     installed_app_hash(__file__))
+    return call_next(msg, context)
+
+
 def site_ledger(context: Context, site: Site | None) -> Ledger:
     """``<ledger-dir>/run-<id>.jsonl``, signed with ``<ledger-dir>/site_ed25519.pem`` (0600).
 
@@ -72,7 +84,8 @@ def site_ledger(context: Context, site: Site | None) -> Ledger:
                   {"role": "site", "site": site.name if site else None, "run_id": context.run_id})
 
 
-app = ClientApp(mods=[site_ledger_mod])
+# The ledger is the outer mod, so that what the policy refuses is recorded too.
+app = ClientApp(mods=[site_ledger_mod, site_policy_mod])
 
 
 def _open(context: Context):
@@ -84,6 +97,8 @@ def _open(context: Context):
     site = _site(context, task)
     data = task.load(site)
     context.state[FINGERPRINT] = ConfigRecord({"data-fingerprint": task.fingerprint(site, data)})
+    policy = SitePolicy.load(context.node_config.get("policy"), site.name)
+    policy.check_examples(site.name, len(data.train), task.unit)
     return task, site, data
 
 

@@ -17,6 +17,8 @@ from models.registry import DEFAULT_MODEL, build_model
 
 
 class OncologyTask:
+    unit = "patients"
+
     def __init__(self, run_config: dict, node_config: dict):
         self.endpoint = str(run_config.get("endpoint", "survival"))
         self.model = str(run_config.get("model") or DEFAULT_MODEL["oncology"])
@@ -55,6 +57,8 @@ class OncologyTask:
 
 
 class RadiologyTask:
+    unit = "images"
+
     def __init__(self, run_config: dict, node_config: dict):
         self.target = str(run_config.get("target", "kl-grade"))
         self.model = str(run_config.get("model") or DEFAULT_MODEL["radiology"])

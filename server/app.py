@@ -35,10 +35,12 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     ledger = coordinator_ledger(context.run_id)
     try:
-        sites = discover_sites(grid, settings.min_nodes, settings.round_timeout)
+        sites, refused = discover_sites(grid, settings.min_nodes, settings.round_timeout)
     except FederationError as exc:
         ledger.append("run-failed", {"reason": str(exc)})
         raise
+    for site, reason in refused.values():
+        log(INFO, "fedhosp: %s", reason)
     features = list(next(iter(sites.values())).features)
     log(INFO, "fedhosp: %d sites: %s", len(sites), ", ".join(sorted(s.name for s in sites.values())))
     model = settings.build_model(len(features))
@@ -49,6 +51,7 @@ def main(grid: Grid, context: Context) -> None:
         "initial_model_hash": model_hash(model.state_dict()),
         "sites": {s.name: {"num_train": s.num_train, "num_test": s.num_test, "skipped": s.skipped_rows}
                   for s in sites.values()},
+        "refused": {site: reason for site, reason in refused.values()},
     })
 
     train_config = ConfigRecord({
@@ -56,8 +59,9 @@ def main(grid: Grid, context: Context) -> None:
         "batch-size": settings.batch_size, "seed": settings.seed,
     })
     with Tracker(settings, context.run_id, sites, ledger) as tracker:
+        names = {**{n: site for n, (site, _) in refused.items()}, **{n: s.name for n, s in sites.items()}}
         strategy = ReportingStrategy(
-            build_strategy(settings, len(sites)), {n: s.name for n, s in sites.items()}, tracker.log_round, ledger
+            build_strategy(settings, len(sites), len(names)), names, tracker.log_round, ledger
         )
         try:
             result = strategy.start(

@@ -12,7 +12,8 @@ from rich.console import Console
 from client.site_check import site_app
 from server.audit import audit_app
 
-app = typer.Typer(help="fedhosp: federated learning for hospitals (Flower + MLflow).", no_args_is_help=True)
+app = typer.Typer(help="fedhosp: federated learning for hospitals (Flower + MLflow).", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
 app.add_typer(site_app, name="site", help="Check a hospital's site folder before it joins a federation.")
 app.add_typer(audit_app, name="audit", help="Verify, show, reconcile and export ledgers (for auditors).")
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -75,6 +76,43 @@ def demo_data(
         raise typer.BadParameter("choose oncology or radiology", param_hint="--task")
     for folder in write(out, sites, seed):
         console.print(f"wrote {folder}")
+
+
+@app.command("deploy-local")
+def deploy_local_cmd(
+    sites: int = typer.Option(3, "--sites", "-n", help="Hospitals (demo regions) to start."),
+    rounds: int = typer.Option(3, "--rounds"),
+    task: str = typer.Option("oncology", "--task"),
+    workdir: Path = typer.Option(None, "--workdir", help="Default: $FEDHOSP_HOME/deploy-local."),
+) -> None:
+    """Coordinator + one SuperNode per hospital on 127.0.0.1 with TLS and node auth; run; stop everything."""
+    from client.data import demo, radiology_demo
+    from server import deploy, runner
+    from server.summary import find_summary, print_summary
+
+    env = runner.runtime_env()
+    workdir = (workdir or Path(env["FEDHOSP_HOME"]) / "deploy-local").resolve()
+    if task == "radiology":
+        names = [r.name for r in radiology_demo.radiology_regions(sites)]
+        dirs = radiology_demo.write_radiology_demo(workdir / "data", sites)
+    else:
+        names = [r.name for r in demo.regions(sites)]
+        dirs = demo.write_demo(workdir / "data", sites)
+    try:
+        with deploy.deploy_local(workdir, names, dict(zip(names, dirs))) as d:
+            console.print(f"[bold]deploy-local[/]: SuperLink https://127.0.0.1:{d.superlink_port} (TLS, node auth), "
+                          f"MLflow {d.mlflow_uri}, {len(names)} SuperNodes; logs in {workdir / 'logs'}")
+            outcome = deploy.run_on(d, APP_DIR, {"task": task, "num-server-rounds": rounds}, echo=console.out)
+            summary = find_summary(d.mlflow_uri, outcome.run_id) if outcome.ok else None
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: every process was stopped")
+        raise typer.Exit(130)
+    if not outcome.ok:
+        console.print(f"[red bold]Run {outcome.run_id} did not complete[/]: status {outcome.status}")
+        console.print(runner.failure_reason(outcome.log))
+        raise typer.Exit(1)
+    print_summary(summary, console)
+    console.print("(the MLflow server was stopped with the deployment; its PostgreSQL database and artifacts remain)")
 
 
 def main() -> None:  # pragma: no cover

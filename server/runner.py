@@ -193,13 +193,19 @@ def connection(env: dict[str, str]) -> str:
 
 def flwr_run(app_dir: Path, env: dict[str, str], run_config: dict[str, object], num_supernodes: int,
              echo=None, timeout: float = 3600.0) -> RunOutcome:
-    """Submit the run, stream its log, wait for its final status."""
-    command = ["flwr", "run", str(app_dir), connection(env), "--stream",
+    """Submit the run to the local simulation SuperLink, stream its log, wait for its final status."""
+    name = connection(env)
+    command = ["flwr", "run", str(app_dir), name, "--stream",
                "--federation-config", f"num-supernodes={num_supernodes}"]
     if run_config:
         command += ["--run-config", _config_arg(run_config)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=app_dir)
+    return submit(command, env, name, app_dir, echo, timeout)
+
+
+def submit(command: list[str], env: dict[str, str], connection_name: str, cwd: Path, echo=None,
+           timeout: float = 3600.0) -> RunOutcome:
+    """Run a ``flwr run --stream`` command; then poll ``flwr ls`` until the run has a final status."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     lines: list[str] = []
     run_id = None
     assert proc.stdout is not None
@@ -217,15 +223,16 @@ def flwr_run(app_dir: Path, env: dict[str, str], run_config: dict[str, object], 
     deadline = time.monotonic() + timeout
     status = "unknown"
     while time.monotonic() < deadline:
-        status = run_status(run_id, env)
+        status = run_status(run_id, env, connection_name)
         if status.startswith("finished"):
             break
         time.sleep(1.0)
     return RunOutcome(run_id, status, text)
 
 
-def run_status(run_id: int, env: dict[str, str]) -> str:
-    out = subprocess.run(["flwr", "ls", connection(env), "--run-id", str(run_id), "--format", "json"], env=env,
+def run_status(run_id: int, env: dict[str, str], connection_name: str | None = None) -> str:
+    out = subprocess.run(["flwr", "ls", connection_name or connection(env), "--run-id", str(run_id), "--format", "json"],
+                         env=env,
                          capture_output=True, text=True, check=False)
     try:
         runs = json.loads(out.stdout)["runs"]

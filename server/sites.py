@@ -55,7 +55,14 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def discover_sites(grid: Grid, minimum: int, timeout: float) -> dict[int, SiteInfo]:
+REFUSAL = re.compile(r"^site (?P<site>.+?): policy refuses")
+
+
+def discover_sites(grid: Grid, minimum: int, timeout: float) -> tuple[dict[int, SiteInfo], dict[int, tuple[str, str]]]:
+    """Sites that accept the run, and those whose policy refuses it (node -> (site, reason)).
+
+    A refusal is the hospital's right and does not stop the run; broken data does.
+    """
     nodes = wait_for_nodes(grid, minimum, timeout)
     messages = [
         Message(RecordDict({"config": ConfigRecord({"request": "describe"})}), dst_node_id=node, message_type=MessageType.QUERY)
@@ -63,11 +70,15 @@ def discover_sites(grid: Grid, minimum: int, timeout: float) -> dict[int, SiteIn
     ]
     replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=timeout)}
     sites: dict[int, SiteInfo] = {}
+    refused: dict[int, tuple[str, str]] = {}
     problems: list[str] = []
     for node in nodes:
         msg = replies.get(node)
         if msg is None:
             problems.append(f"node {node} did not answer within {timeout:.0f}s")
+        elif msg.has_error() and REFUSAL.match(reason_text(msg.error.reason)):
+            reason = reason_text(msg.error.reason)
+            refused[node] = (REFUSAL.match(reason).group("site"), reason)
         elif msg.has_error():
             problems.append(reason_text(msg.error.reason))
         else:
@@ -76,6 +87,9 @@ def discover_sites(grid: Grid, minimum: int, timeout: float) -> dict[int, SiteIn
                                    int(metrics["num-test"]), int(metrics["skipped-rows"]))
     if problems:
         raise FederationError("site check failed:\n  - " + "\n  - ".join(problems))
+    if not sites:
+        raise FederationError("every site's policy refuses this run:\n  - " +
+                              "\n  - ".join(reason for _, reason in refused.values()))
     names = [s.name for s in sites.values()]
     if len(set(names)) != len(names):
         raise FederationError(f"two nodes claim the same site name: {sorted(names)}")
@@ -88,4 +102,4 @@ def discover_sites(grid: Grid, minimum: int, timeout: float) -> dict[int, SiteIn
                 f"site {site.name} has different feature columns from {reference.name}: "
                 f"missing {missing}, extra {extra}"
             )
-    return sites
+    return sites, refused

@@ -21,9 +21,14 @@ from server.settings import RunSettings
 from server.sites import reason_text
 
 
-def build_strategy(settings: RunSettings, num_sites: int) -> Strategy:
-    """Flower's strategy for ``settings.strategy``, waiting for every discovered site."""
-    common = dict(min_train_nodes=num_sites, min_evaluate_nodes=num_sites, min_available_nodes=num_sites)
+def build_strategy(settings: RunSettings, num_sites: int, num_nodes: int | None = None) -> Strategy:
+    """Flower's strategy for ``settings.strategy``, waiting for every discovered node.
+
+    All connected nodes are sampled each round (fraction 1.0): a site whose policy
+    refuses the run answers each round with its refusal, which is recorded.
+    """
+    common = dict(min_train_nodes=num_sites, min_evaluate_nodes=num_sites,
+                  min_available_nodes=max(num_sites, num_nodes or 0))
     name = settings.strategy
     if name == "fedavg":
         return FedAvg(**common)

@@ -1,0 +1,70 @@
+"""A hospital's own policy: which work its node accepts, checked on the node before any data is read.
+
+Node config ``policy`` names a TOML file (example: ``configs/site-policy.example.toml``).
+Without one, the defaults apply: every task, any number of rounds, any app,
+and at least 20 patients or images (smaller cohorts leak). A refusal is raised
+as :class:`PolicyRefusal`; its text names the site and the rule, never data.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.data.tabular import SiteDataError
+
+DEFAULT_MIN_EXAMPLES = 20
+
+
+class PolicyRefusal(SiteDataError):
+    """The site's policy refuses this work. The message is safe to leave the node."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    tasks: tuple[str, ...] = ()  # empty: every task
+    max_rounds: int = 0  # 0: no limit
+    min_examples: int = DEFAULT_MIN_EXAMPLES
+    app_hashes: tuple[str, ...] = ()  # empty: any app
+
+    @classmethod
+    def load(cls, path: str | Path | None, site: str) -> "SitePolicy":
+        if not path:
+            return cls()
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PolicyRefusal(f"site {site}: policy file cannot be read ({type(exc).__name__}); refusing all work") from None
+        unknown = set(raw) - {"tasks", "max-rounds", "min-examples", "allowed-app-hashes"}
+        if unknown:
+            raise PolicyRefusal(f"site {site}: policy file has unknown keys {sorted(unknown)}; refusing all work")
+        return cls(tuple(raw.get("tasks", ())), int(raw.get("max-rounds", 0)),
+                   int(raw.get("min-examples", DEFAULT_MIN_EXAMPLES)),
+                   tuple(str(h).lower() for h in raw.get("allowed-app-hashes", ())))
+
+    def check_run(self, site: str, task: str, num_rounds: int, server_round: int | None, app_hash: str | None) -> None:
+        """Rules that need no data: task, rounds, app."""
+        if self.tasks and task not in self.tasks:
+            raise PolicyRefusal(f"site {site}: policy refuses task '{task}' (accepts {', '.join(self.tasks)})")
+        if self.max_rounds and max(num_rounds, server_round or 0) > self.max_rounds:
+            raise PolicyRefusal(f"site {site}: policy refuses runs of more than {self.max_rounds} rounds "
+                                f"(this run has {num_rounds})")
+        if self.app_hashes:
+            # Flower installs an app under a folder named by the first 8 hex digits of its FAB hash;
+            # that prefix is what a node can check (see README).
+            if not app_hash or not any(h.startswith(app_hash.lower()) for h in self.app_hashes):
+                raise PolicyRefusal(f"site {site}: policy refuses app {app_hash or 'of unknown hash'} "
+                                    "(not in allowed-app-hashes)")
+
+    def check_examples(self, site: str, count: int, unit: str) -> None:
+        if count < self.min_examples:
+            raise PolicyRefusal(f"site {site}: policy refuses to train on {count} {unit}; "
+                                f"the minimum is {self.min_examples}")
+
+
+def installed_app_hash(module_file: str) -> str | None:
+    """The FAB hash prefix from the folder Flower installed this app in (``<publisher>.<name>.<version>.<hash8>``)."""
+    folder = Path(module_file).resolve().parent.parent.name
+    prefix = folder.rsplit(".", 1)[-1]
+    return prefix if len(prefix) == 8 and all(c in "0123456789abcdef" for c in prefix) else None
