@@ -8,7 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 export FEDHOSP_HOME ?= $(CURDIR)/.fedhosp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo test bench bench-oncology bench-radiology clean
+.PHONY: install demo test bench bench-oncology bench-radiology deploy-local clean
+SITES ?= 3
+ROUNDS ?= 3
+TASK ?= oncology
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +35,10 @@ bench-oncology: install
 
 bench-radiology: install
 	$(BIN)/python tests/bench_radiology.py $(ARGS)
+
+# Coordinator + one SuperNode per site on 127.0.0.1: TLS, node authentication, MLflow server on PostgreSQL.
+deploy-local: install
+	$(BIN)/fedhosp deploy-local --sites $(SITES) --rounds $(ROUNDS) --task $(TASK)
 
 clean:
 	rm -rf .fedhosp .pytest_cache

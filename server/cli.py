@@ -78,6 +78,17 @@ def demo_data(
         console.print(f"wrote {folder}")
 
 
+@app.command("node-key")
+def node_key(
+    folder: Path = typer.Argument(..., help="Where to write node_key (private, 0600) and node_key.pub."),
+) -> None:
+    """A hospital's SuperNode key pair (EC P-384, OpenSSH): keep node_key, send node_key.pub to the coordinator."""
+    from server.credentials import make_node_key
+
+    private, public = make_node_key(folder, "node_key")
+    console.print(f"private key (keep on the node): {private}\npublic key (send to the coordinator): {public}")
+
+
 @app.command("deploy-local")
 def deploy_local_cmd(
     sites: int = typer.Option(3, "--sites", "-n", help="Hospitals (demo regions) to start."),

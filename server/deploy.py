@@ -128,6 +128,7 @@ class Deployment:
     sites: list[str]
     superlink_port: int
     mlflow_uri: str
+    backend: str
     env: dict[str, str]
     connection: str
     processes: Processes
@@ -189,7 +190,7 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
                 certs / "ca.crt", f"127.0.0.1:{port}", home / "keys" / "node_key", config, free_port()),
                 site_env(base, home), workdir / "logs" / f"supernode-{site}.log")
         wait_until(lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"), "MLflow server", 120, proc, log)
-        yield Deployment(workdir, sites, port, f"http://127.0.0.1:{mlflow_port}", coordinator, connection,
+        yield Deployment(workdir, sites, port, f"http://127.0.0.1:{mlflow_port}", backend, coordinator, connection,
                          processes, certs)
 
 

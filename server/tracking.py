@@ -109,8 +109,7 @@ class Tracker:
         for key, value in r.evaluate_aggregate.items():
             if key != "num-examples":
                 metrics[f"federation/{'eval_loss' if key == 'loss' else key}"] = value
-        for site in self.sites:
-            name = site.name
+        for name in sorted({s.name for s in self.sites} | set(r.failures)):  # refusing sites fail every round
             metrics[f"{name}/failed"] = 1.0 if name in r.failures else 0.0
             for key, value in r.train.get(name, {}).items():
                 metrics[f"{name}/{f'num_{self.unit}' if key == 'num-examples' else key}"] = value

@@ -1,0 +1,126 @@
+"""Flower's distributed runtime on 127.0.0.1: TLS, SuperNode authentication, site policy, compose files."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import mlflow
+import psycopg2
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from client.data import demo
+from client.ledger import read_records
+from server import runner
+from server.credentials import make_node_key, make_tls
+from server.deploy import deploy_local, free_port, run_on, site_env, superlink_command, supernode_command
+from tests.conftest import APP_DIR
+
+pytestmark = pytest.mark.timeout(900)
+COMPOSE = APP_DIR / "compose"
+
+
+def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_and_tracks_on_postgresql(tmp_path):
+    dirs = demo.write_demo(tmp_path / "data", 3)
+    names = [d.name for d in dirs]
+    policy = tmp_path / "policy.toml"
+    policy.write_text('tasks = ["radiology"]\n')  # this hospital does not take part in oncology
+    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)), policies={"Syddanmark": policy}) as d:
+        assert d.backend.startswith("postgresql")
+        superlink = f"127.0.0.1:{d.superlink_port}"
+        # a node whose key the coordinator never registered, and one that does not trust the coordinator's CA
+        stranger_key, _ = make_node_key(tmp_path / "stranger", "node_key")
+        other_ca = make_tls(tmp_path / "other-ca")["ca"]
+        logs = {"stranger": tmp_path / "stranger.log", "no-ca": tmp_path / "no-ca.log"}
+        d.processes.start("stranger", supernode_command(d.certs / "ca.crt", superlink, stranger_key,
+                                                        "site-name='Stranger'", free_port()),
+                          site_env(d.env, tmp_path / "stranger"), logs["stranger"])
+        d.processes.start("no-ca", supernode_command(other_ca, superlink, d.workdir / "sites" / names[0] / "keys" /
+                                                     "node_key", "site-name='Impostor'", free_port()),
+                          site_env(d.env, tmp_path / "no-ca"), logs["no-ca"])
+        outcome = run_on(d, APP_DIR, {"num-server-rounds": 2})
+        assert outcome.ok, outcome.log[-3000:]
+
+        mlflow.set_tracking_uri(d.mlflow_uri)
+        client = MlflowClient(d.mlflow_uri)
+        run = client.search_runs([client.get_experiment_by_name("fedhosp").experiment_id])[0]
+        assert run.info.status == "FINISHED" and run.data.params["num-sites"] == "2"
+        failures = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/failures/round-0002.json")
+        assert failures == {"Syddanmark": "site Syddanmark: policy refuses task 'oncology' (accepts radiology)"}
+        assert client.get_metric_history(run.info.run_id, "Syddanmark/failed")[-1].value == 1.0
+        assert "Stranger" not in run.data.tags["fedhosp.sites"] and "Impostor" not in run.data.tags["fedhosp.sites"]
+
+    # MLflow's backend store really is PostgreSQL
+    with psycopg2.connect(d.backend.replace("+psycopg2", "")) as conn, conn.cursor() as cur:
+        cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
+        assert cur.fetchone() == ("FINISHED",)
+    # what was refused is in both ledgers, with the reason and no data
+    coordinator = read_records(d.workdir / "coordinator" / "ledgers" / f"run-{outcome.run_id}.jsonl")
+    refusals = [r["data"] for r in coordinator if r["event"] == "update-failed"]
+    assert {r["site"] for r in refusals} == {"Syddanmark"} and len(refusals) == 2
+    site = read_records(d.workdir / "sites" / "Syddanmark" / "ledger" / f"run-{outcome.run_id}.jsonl")
+    assert [r["event"] for r in site].count("train-failed") == 2
+    assert all(r["data"].get("data_fingerprint") is None for r in site)  # refused before any data was read
+    # the stranger and the impostor never got in
+    assert "Stranger" not in outcome.log and "Impostor" not in outcome.log
+    assert "SuperNode ID" not in logs["stranger"].read_text() and "SuperNode ID" not in logs["no-ca"].read_text()
+    assert "Failed to activate SuperNode" in logs["stranger"].read_text()  # unknown key: refused by the SuperLink
+    assert "CERTIFICATE_VERIFY_FAILED" in logs["no-ca"].read_text()  # cannot trust the coordinator
+    assert not list((tmp_path / "stranger").rglob("run-*.jsonl"))
+
+
+def test_the_superlink_refuses_to_start_without_tls_unless_told_insecure(tmp_path):
+    port = free_port()
+    result = subprocess.run(["flower-superlink", "--host", "127.0.0.1", "--port", str(port)],
+                            env=runner.runtime_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Certificates are required unless running in insecure mode" in result.stdout + result.stderr
+    command = superlink_command(tmp_path, port, tmp_path / "state.db")
+    assert "--insecure" not in command and {"--ssl-certfile", "--enable-supernode-auth"} <= set(command)
+
+
+def _flags(command: list[str]) -> set[str]:
+    return {part for part in command if part.startswith("--")}
+
+
+def test_compose_files_parse_and_use_the_local_deployments_flags_and_versions():
+    coordinator = yaml.safe_load((COMPOSE / "coordinator.yml").read_text())
+    site = yaml.safe_load((COMPOSE / "site.yml").read_text())
+    flwr_pin = next(d for d in tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+                    if d.startswith("flwr"))
+    version = flwr_pin.split("==")[1]
+    assert coordinator["services"]["superlink"]["image"] == f"flwr/superlink:{version}"
+    assert site["services"]["supernode"]["image"] == f"flwr/supernode:{version}"
+    assert f"FROM flwr/superexec:{version}" in (COMPOSE / "app.Dockerfile").read_text()
+    mlflow_pin = next(d for d in tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+                      if d.startswith("mlflow"))
+    assert f"mlflow:v{mlflow_pin.split('==')[1]}" in (COMPOSE / "mlflow.Dockerfile").read_text()
+
+    # the same flags as make deploy-local, plus the container-only ones (process isolation, superexec secret)
+    compose_only = {"--isolation", "--superexec-auth-secret-file"}
+    local = _flags(superlink_command(Path("/c"), 9093, Path("/s")))
+    assert _flags(coordinator["services"]["superlink"]["command"]) == local | compose_only
+    local_node = _flags(supernode_command(Path("/ca"), "x:9093", Path("/k"), "", 9094))
+    assert _flags(site["services"]["supernode"]["command"]) == local_node | compose_only
+    assert "9093:9093" in coordinator["services"]["superlink"]["ports"]
+    superlink_port = coordinator["services"]["superlink"]["command"]
+    assert superlink_port[superlink_port.index("--port") + 1] == "9093"
+    # TLS always on; no deprecated flags; nothing downloaded at run time
+    for service in (coordinator["services"]["superlink"], site["services"]["supernode"]):
+        assert "--insecure" not in service["command"]
+        assert not {"--fleet-api-address", "--clientappio-api-address", "--allow-runtime-dependency-installation"} \
+            & set(service["command"])
+    node_config = site["services"]["supernode"]["command"][site["services"]["supernode"]["command"].index("--node-config") + 1]
+    assert all(key in node_config for key in ("site-name=", "data-dir='/data'", "ledger-dir=", "policy="))
+    assert "${DATA_DIR:?set DATA_DIR}:/data:ro" in site["services"]["clientapp"]["volumes"]
+    # every secret and volume a service uses is declared
+    for spec in (coordinator, site):
+        for service in spec["services"].values():
+            assert set(service.get("secrets", [])) <= set(spec["secrets"])
+            for volume in service.get("volumes", []):
+                source = volume.split(":")[0]
+                assert source.startswith(("/", "$", ".")) or source in spec["volumes"]
