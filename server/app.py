@@ -1,14 +1,17 @@
 """The coordinator's ServerApp: discover sites, build the model, run Flower's strategy, track, save.
 
 Everything the run does is also written, as it happens, to the coordinator's
-signed ledger (``$FEDHOSP_HOME/ledgers/run-<flwr run id>.jsonl``).
+signed ledger (``$FEDHOSP_HOME/ledgers/run-<flwr run id>.jsonl``), and after
+every round a checkpoint lets a killed run continue (run-config ``resume-from``).
 """
 
 from __future__ import annotations
 
 import json
 from logging import INFO
+from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -16,65 +19,97 @@ from flwr.serverapp import Grid, ServerApp
 from client.ledger import Ledger, load_or_create_key
 from client.site import fedhosp_home
 from models.registry import model_hash
+from server import checkpoint as ckpt
 from server.settings import RunSettings
 from server.sites import FederationError, discover_sites
-from server.strategy import ReportingStrategy, build_strategy
-from server.tracking import Tracker
+from server.strategy import ReportingStrategy, SiteRound, build_strategy
+from server.tracking import Tracker, checkpoint_of_run
 
 app = ServerApp()
 
 
-def coordinator_ledger(run_id: int) -> Ledger:
-    """Key: ``$FEDHOSP_HOME/keys/coordinator_ed25519.pem`` (0600, created on first use)."""
-    key = load_or_create_key(fedhosp_home() / "keys" / "coordinator_ed25519.pem")
-    return Ledger(fedhosp_home() / "ledgers" / f"run-{run_id}.jsonl", key, {"role": "coordinator", "run_id": run_id})
+def coordinator_key():
+    """``$FEDHOSP_HOME/keys/coordinator_ed25519.pem`` (0600, created on first use)."""
+    return load_or_create_key(fedhosp_home() / "keys" / "coordinator_ed25519.pem")
+
+
+def find_checkpoint(settings: RunSettings) -> ckpt.Checkpoint | None:
+    """``resume-from``: a checkpoint file, or the MLflow run id whose checkpoint to continue."""
+    if not settings.resume_from:
+        return None
+    path = Path(settings.resume_from).expanduser()
+    if not path.is_file():
+        path = Path(checkpoint_of_run(settings, settings.resume_from))
+    return ckpt.load(path)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
-    ledger = coordinator_ledger(context.run_id)
+    resume = find_checkpoint(settings)
+    original_run = resume.flwr_run_id if resume else context.run_id
+    ledger_path = Path(resume.ledger_path) if resume else fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl"
+    ledger = Ledger(ledger_path, coordinator_key(), {"role": "coordinator", "run_id": context.run_id})
     try:
         sites, refused = discover_sites(grid, settings.min_nodes, settings.round_timeout)
     except FederationError as exc:
-        ledger.append("run-failed", {"reason": str(exc)})
+        ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": str(exc)})
         raise
-    for site, reason in refused.values():
+    for _, reason in refused.values():
         log(INFO, "fedhosp: %s", reason)
     features = list(next(iter(sites.values())).features)
     log(INFO, "fedhosp: %d sites: %s", len(sites), ", ".join(sorted(s.name for s in sites.values())))
     model = settings.build_model(len(features))
-    run = grid.run
-    ledger.append("run-start", {
-        "run_config": settings.as_params(redact_paths=True), "strategy": settings.strategy,
-        "app": {"fab_id": run.fab_id, "fab_version": run.fab_version, "fab_hash": run.fab_hash},
-        "initial_model_hash": model_hash(model.state_dict()),
-        "sites": {s.name: {"num_train": s.num_train, "num_test": s.num_test, "skipped": s.skipped_rows}
-                  for s in sites.values()},
-        "refused": {site: reason for site, reason in refused.values()},
-    })
+    offset = 0
+    if resume:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in resume.arrays.items()})
+        offset = resume.server_round
+        ledger.append("run-resumed", {"flwr_run_id": context.run_id, "after_round": offset,
+                                      "global_model_hash": model_hash(model.state_dict())})
+    else:
+        run = grid.run
+        ledger.append("run-start", {
+            "run_config": settings.as_params(redact_paths=True), "strategy": settings.strategy,
+            "app": {"fab_id": run.fab_id, "fab_version": run.fab_version, "fab_hash": run.fab_hash},
+            "initial_model_hash": model_hash(model.state_dict()),
+            "sites": {s.name: {"num_train": s.num_train, "num_test": s.num_test, "skipped": s.skipped_rows}
+                      for s in sites.values()},
+            "refused": {site: reason for site, reason in refused.values()},
+        })
+    if offset >= settings.num_server_rounds:
+        raise FederationError(f"the checkpoint is at round {offset}; num-server-rounds is {settings.num_server_rounds}")
 
     train_config = ConfigRecord({
         "lr": settings.lr, "local-epochs": settings.local_epochs, "local-steps": settings.local_steps,
         "batch-size": settings.batch_size, "seed": settings.seed,
     })
-    with Tracker(settings, context.run_id, sites, ledger) as tracker:
+    checkpoint_path = fedhosp_home() / "checkpoints" / f"run-{original_run}.npz"
+    with Tracker(settings, context.run_id, sites, ledger, resume_run_id=resume.mlflow_run_id if resume else "") as tracker:
+        inner = build_strategy(settings, len(sites), len(sites) + len(refused))
+        if resume:
+            ckpt.restore_strategy(inner, resume.strategy_state)
+
+        def on_round(r: SiteRound, arrays: ArrayRecord) -> None:
+            ckpt.save(checkpoint_path, ckpt.Checkpoint(
+                r.server_round, {k: a.numpy() for k, a in arrays.items()}, ckpt.strategy_state(inner),
+                settings.as_params(), tracker.run_id, str(ledger.path), original_run))
+            tracker.log_round(r, checkpoint_path)
+
         names = {**{n: site for n, (site, _) in refused.items()}, **{n: s.name for n, s in sites.items()}}
-        strategy = ReportingStrategy(
-            build_strategy(settings, len(sites), len(names)), names, tracker.log_round, ledger
-        )
+        strategy = ReportingStrategy(inner, names, on_round, ledger, {s.name: s.num_train for s in sites.values()},
+                                     settings.validation(), settings.min_train_nodes, round_offset=offset)
         try:
-            result = strategy.start(
-                grid, ArrayRecord(model.state_dict()), num_rounds=settings.num_server_rounds,
+            strategy.start(
+                grid, ArrayRecord(model.state_dict()), num_rounds=settings.num_server_rounds - offset,
                 timeout=settings.round_timeout, train_config=train_config, evaluate_config=ConfigRecord({}),
             )
-            if not result.train_metrics_clientapp:
-                raise FederationError("no round produced an aggregated model: every site failed (see failures/ in MLflow)")
+            if not resume and all(r.skipped for r in tracker.rounds):
+                raise FederationError("no round produced an aggregated model (see failures/ and rejected/ in MLflow)")
         except Exception as exc:
-            ledger.append("run-failed", {"reason": f"{type(exc).__name__}: {exc}"})
+            ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
             tracker.log_ledger()
             raise
-        model.load_state_dict(result.arrays.to_torch_state_dict())
+        model.load_state_dict(strategy.global_arrays.to_torch_state_dict())
         summary = tracker.finish(model, features, settings.input_example(len(features)))
         ledger.append("run-end", {"final_model_hash": summary["model_hash"], "mlflow_run_id": summary["mlflow_run_id"],
                                   "registered_model": summary["registered_model"], "rounds": summary["rounds"]})

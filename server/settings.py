@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, fields
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 # What an empty model, lr = 0 or batch-size = 0 in the run config stand for, per task:
 # a Cox loss needs large batches (risk sets); the image CNN diverges at the Cox learning rate.
 TASK_DEFAULTS = {
@@ -35,6 +36,15 @@ class RunSettings:
     mlflow_experiment: str = "fedhosp"
     min_nodes: int = 2
     round_timeout: float = 3600.0
+    min_train_nodes: int = 2
+    trim_beta: float = 0.2
+    num_malicious_nodes: int = 0
+    num_nodes_to_select: int = 1
+    validate_updates: bool = True
+    max_update_norm: float = 0.0
+    max_update_ratio: float = 10.0
+    max_examples: int = 0
+    resume_from: str = ""
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunSettings":
@@ -76,8 +86,18 @@ class RunSettings:
             raise ValueError("run-config num-server-rounds must be at least 1")
         if self.local_epochs < 1 and self.local_steps < 1:
             raise ValueError("run-config needs local-epochs >= 1 or local-steps >= 1")
+        if self.min_train_nodes < 1:
+            raise ValueError("run-config min-train-nodes must be at least 1")
+        if not 0 <= self.trim_beta < 0.5:
+            raise ValueError("run-config trim-beta must be in [0, 0.5)")
         if self.batch_size < 2:
             raise ValueError("run-config batch-size must be at least 2 (a Cox risk set needs pairs)")
+
+    def validation(self):
+        from server.validation import ValidationSettings
+
+        return ValidationSettings(self.validate_updates, self.max_update_norm, self.max_update_ratio,
+                                  self.max_examples)
 
     @property
     def outcome(self) -> str:

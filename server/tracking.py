@@ -27,6 +27,15 @@ from server.strategy import SiteRound
 
 FLWR_RUN_TAG = "flwr.run_id"
 LEDGER_HEAD_TAG = "fedhosp.ledger_head"
+CHECKPOINT_TAG = "fedhosp.checkpoint"
+
+
+def checkpoint_of_run(settings: RunSettings, mlflow_run_id: str) -> str:
+    """The checkpoint path recorded on an MLflow run (for ``resume-from = <mlflow run id>``)."""
+    run = MlflowClient(tracking_uri(settings)).get_run(mlflow_run_id)
+    if CHECKPOINT_TAG not in run.data.tags:
+        raise ValueError(f"MLflow run {mlflow_run_id} has no checkpoint (tag {CHECKPOINT_TAG})")
+    return run.data.tags[CHECKPOINT_TAG]
 
 
 def tracking_uri(settings: RunSettings) -> str:
@@ -56,7 +65,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
 class Tracker:
     """Context manager around one MLflow run."""
 
-    def __init__(self, settings: RunSettings, flwr_run_id: int, sites: dict[int, SiteInfo], ledger: Ledger):
+    def __init__(self, settings: RunSettings, flwr_run_id: int, sites: dict[int, SiteInfo], ledger: Ledger,
+                 resume_run_id: str = ""):
         self.settings = settings
         self.flwr_run_id = flwr_run_id
         self.sites = sorted(sites.values(), key=lambda s: s.name)
@@ -65,6 +75,8 @@ class Tracker:
         self.run_id = ""
         self.ledger = ledger
         self.version: str | None = None
+        self.resume_run_id = resume_run_id
+        self.logged_up_to = 0  # rounds already in MLflow (a resumed run must not log a step twice)
         self.unit = "patients" if settings.task == "oncology" else "images"  # what num-examples counts
 
     def __enter__(self) -> "Tracker":
@@ -77,6 +89,13 @@ class Tracker:
             "fedhosp.outcome": self.settings.outcome,
             "fedhosp.sites": ",".join(s.name for s in self.sites),
         }
+        if self.resume_run_id:
+            run = mlflow.start_run(run_id=self.resume_run_id)
+            history = self.client.get_metric_history(self.resume_run_id, "federation/round_duration_s")
+            self.logged_up_to = max((m.step for m in history), default=0)
+            mlflow.set_tag("fedhosp.resumed_by", str(self.flwr_run_id))
+            self.run_id = run.info.run_id
+            return self
         run = mlflow.start_run(
             experiment_id=experiment, run_name=f"flwr-{self.flwr_run_id}-{self.settings.strategy}", tags=tags
         )
@@ -95,12 +114,20 @@ class Tracker:
             mlflow.set_tag("fedhosp.error", f"{exc_type.__name__}: {exc}"[:5000])
         mlflow.end_run("FAILED" if exc is not None else "FINISHED")
 
-    def log_round(self, r: SiteRound) -> None:
+    def log_round(self, r: SiteRound, checkpoint: Path | None = None) -> None:
         """Aggregated metrics under ``federation/``, each site's under its own name."""
         self.rounds.append(r)
+        if checkpoint is not None:
+            mlflow.set_tag(CHECKPOINT_TAG, str(checkpoint))
+        if r.server_round <= self.logged_up_to:  # replayed after a resume: already in MLflow
+            self.log_ledger()
+            return
         metrics: dict[str, float] = {
             "federation/round_duration_s": r.duration_s,
             "federation/failed_sites": float(len(r.failures)),
+            "federation/rejected_updates": float(len(r.rejected)),
+            "federation/round_skipped": 1.0 if r.skipped else 0.0,
+            "federation/validation_ms": r.validation_ms,
             f"federation/num_{self.unit}": float(sum(m.get("num-examples", 0) for m in r.train.values())),
         }
         for key, value in r.train_aggregate.items():
@@ -111,6 +138,7 @@ class Tracker:
                 metrics[f"federation/{'eval_loss' if key == 'loss' else key}"] = value
         for name in sorted({s.name for s in self.sites} | set(r.failures)):  # refusing sites fail every round
             metrics[f"{name}/failed"] = 1.0 if name in r.failures else 0.0
+            metrics[f"{name}/rejected"] = 1.0 if name in r.rejected else 0.0
             for key, value in r.train.get(name, {}).items():
                 metrics[f"{name}/{f'num_{self.unit}' if key == 'num-examples' else key}"] = value
             for key, value in r.evaluate.get(name, {}).items():
@@ -119,6 +147,8 @@ class Tracker:
         mlflow.log_metrics(metrics, step=r.server_round)
         if r.failures:
             mlflow.log_dict(r.failures, f"failures/round-{r.server_round:04d}.json")
+        if r.rejected or r.skipped:
+            mlflow.log_dict({"rejected": r.rejected, "skipped": r.skipped}, f"rejected/round-{r.server_round:04d}.json")
         self.log_ledger()
 
     def log_ledger(self, final: bool = False) -> None:
@@ -166,7 +196,7 @@ class Tracker:
             "mlflow_run_id": self.run_id,
             "tracking_uri": self.uri,
             "experiment": self.settings.mlflow_experiment,
-            "rounds": len(self.rounds),
+            "rounds": self.rounds[-1].server_round if self.rounds else 0,
             "task": self.settings.task,
             "outcome": self.settings.outcome,
             "strategy": self.settings.strategy,
@@ -178,5 +208,7 @@ class Tracker:
                                "num_train": s.num_train, "num_test": s.num_test} for s in self.sites},
             "aggregate": last.evaluate_aggregate if last else {},
             "failures": {r.server_round: r.failures for r in self.rounds if r.failures},
+            "rejected": {r.server_round: r.rejected for r in self.rounds if r.rejected},
+            "skipped_rounds": [r.server_round for r in self.rounds if r.skipped],
         }
         return summary

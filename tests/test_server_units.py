@@ -1,7 +1,18 @@
 """Coordinator pieces that need no federation: run-config reading, strategy choice, error text."""
 
 import pytest
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
 
 from server.runner import _config_arg
 from server.settings import RunSettings
@@ -28,12 +39,22 @@ def test_invalid_run_config_is_refused_with_the_key_named(bad, message):
         RunSettings.from_run_config(bad)
 
 
-@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam),
-                                       ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)])
-def test_strategies_are_flowers_own_and_wait_for_every_site(name, cls):
-    strategy = build_strategy(RunSettings(strategy=name, server_lr=0.3, lr=0.02, proximal_mu=0.5), num_sites=4)
+@pytest.mark.parametrize("name, cls", [
+    ("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad),
+    ("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg), ("krum", Krum), ("multikrum", MultiKrum),
+    ("bulyan", Bulyan)])
+def test_strategies_are_flowers_own_and_start_a_round_with_min_train_nodes(name, cls):
+    settings = RunSettings(strategy=name, server_lr=0.3, lr=0.02, proximal_mu=0.5, min_train_nodes=3, trim_beta=0.1,
+                           num_malicious_nodes=1, num_nodes_to_select=2)
+    strategy = build_strategy(settings, num_sites=5)
     assert type(strategy) is cls
-    assert strategy.min_train_nodes == strategy.min_available_nodes == 4
+    assert strategy.min_train_nodes == strategy.min_available_nodes == 3  # a vanished node does not stall rounds
+    if name == "fedtrimmedavg":
+        assert strategy.beta == 0.1
+    if name in ("krum", "multikrum", "bulyan"):
+        assert strategy.num_malicious_nodes == 1
+    if name == "multikrum":
+        assert strategy.num_nodes_to_select == 2
     if name == "fedprox":
         assert strategy.proximal_mu == 0.5
     if name in ("fedadam", "fedyogi", "fedadagrad"):
