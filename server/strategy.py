@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -109,6 +110,7 @@ class ReportingStrategy(Strategy):
         self.offset = round_offset
         self.current: SiteRound | None = None
         self.global_arrays: ArrayRecord | None = None
+        self.dtypes: dict[str, np.dtype] | None = None  # the model's own dtypes, from the initial weights
         self.sampled: dict[str, int] = {}
 
     def summary(self) -> None:
@@ -152,6 +154,8 @@ class ReportingStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.offset
         self.current = SiteRound(server_round, time.perf_counter())
+        if self.dtypes is None:
+            self.dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
         self.global_arrays = arrays
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.sampled = {self._name(m.metadata.dst_node_id): m.metadata.dst_node_id for m in messages}
@@ -179,6 +183,8 @@ class ReportingStrategy(Strategy):
                                                  "global_model_hash": arrays_hash(self.global_arrays)})
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = self._model_dtypes(arrays)
         if metrics is not None:
             self.current.train_aggregate = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if arrays is not None:
@@ -188,6 +194,16 @@ class ReportingStrategy(Strategy):
             "global_model_hash": arrays_hash(arrays) if arrays is not None else None,
             "metrics": self.current.train_aggregate})
         return arrays, metrics
+
+    def _model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Keep the global model in the model's dtypes: FedAvg and FedOpt compute in float64 (and turn
+        integer buffers into floats), which would double what is sent and make every update 'wrong'."""
+        values = {k: a.numpy() for k, a in arrays.items()}
+        if all(values[k].dtype == self.dtypes.get(k, values[k].dtype) for k in values):
+            return arrays
+        return ArrayRecord({k: Array(np.ascontiguousarray(
+            np.rint(v) if np.issubdtype(self.dtypes[k], np.integer) else v).astype(self.dtypes[k]))
+            for k, v in values.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         messages = list(self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid))
