@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 export FEDHOSP_HOME ?= $(CURDIR)/.fedhosp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo test bench bench-oncology bench-radiology deploy-local clean
+.PHONY: install demo test bench bench-oncology bench-radiology bench-robustness deploy-local clean
 SITES ?= 3
 ROUNDS ?= 3
 TASK ?= oncology
@@ -28,13 +28,17 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-oncology bench-radiology
+bench: bench-oncology bench-radiology bench-robustness
 
 bench-oncology: install
 	$(BIN)/python tests/bench_oncology.py $(ARGS)
 
 bench-radiology: install
 	$(BIN)/python tests/bench_radiology.py $(ARGS)
+
+# One of five demo sites sends x1000-scaled updates: FedAvg with/without update validation vs Flower's robust strategies.
+bench-robustness: install
+	$(BIN)/python tests/bench_robustness.py $(ARGS)
 
 # Coordinator + one SuperNode per site on 127.0.0.1: TLS, node authentication, MLflow server on PostgreSQL.
 deploy-local: install

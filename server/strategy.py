@@ -124,9 +124,13 @@ class ReportingStrategy(Strategy):
 
     def _collect(self, replies: Iterable[Message], into: dict[str, dict[str, float]], kind: str) -> list[Message]:
         replies = list(replies)
+        known = {msg.metadata.src_node_id for msg in replies} & set(self.sampled.values())
+        silent = [site for site, node in self.sampled.items() if node not in known]
         answered = set()
         for msg in replies:
             site = self._site(msg)
+            if msg.metadata.src_node_id not in self.site_names and len(silent) == 1:
+                site = silent[0]  # the SuperLink answers for a node that vanished ("Node Unavailable")
             answered.add(site)
             if msg.has_error():
                 reason = reason_text(msg.error.reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import tomllib
@@ -124,3 +125,48 @@ def test_compose_files_parse_and_use_the_local_deployments_flags_and_versions():
             for volume in service.get("volumes", []):
                 source = volume.split(":")[0]
                 assert source.startswith(("/", "$", ".")) or source in spec["volumes"]
+
+
+def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it_is_back(tmp_path):
+    import signal
+    import threading
+
+    dirs = demo.write_demo(tmp_path / "data", 3)
+    names = [d.name for d in dirs]
+    victim = names[2]
+    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs))) as d:
+        result: dict = {}
+        config = {"num-server-rounds": 4, "round-timeout": 15.0, "min-train-nodes": 2, "local-epochs": 60}
+        thread = threading.Thread(target=lambda: result.update(run=run_on(d, APP_DIR, config)))
+        thread.start()
+        ledgers = d.workdir / "coordinator" / "ledgers"
+
+        def events() -> list[dict]:
+            found = list(ledgers.glob("run-*.jsonl"))
+            return read_records(found[0]) if found else []
+
+        def wait_for(condition, timeout=300):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not condition(events()):
+                time.sleep(0.2)
+
+        wait_for(lambda rs: any(r["event"] == "round-start" for r in rs))  # round 1's training was sent out
+        name, proc = next((n, p) for n, p in d.processes.started if n == f"supernode-{victim}")
+        os.killpg(os.getpgid(proc.pid), signal.SIGKILL)  # the hospital's node dies mid-round
+        proc.wait()
+        # it comes back after the outage: once the SuperLink has marked its old session offline
+        # (a SuperNode whose key is still online is refused), as a supervisor's restart would
+        wait_for(lambda rs: any(r["event"] == "round-start" and victim not in r["data"]["sites"] for r in rs))
+        home = d.workdir / "sites" / victim
+        d.processes.start(name, proc.args, site_env(d.env, home), d.workdir / "logs" / f"{name}-restarted.log")
+        thread.join(timeout=600)
+        outcome = result["run"]
+        assert outcome.ok, outcome.log[-3000:]
+        records = events()
+    failed = [(r["data"]["round"], r["data"]["site"]) for r in records if r["event"] == "update-failed"]
+    assert failed and {site for _, site in failed} == {victim}  # the round it died in, and while it was away
+    updates = {(r["data"]["round"], r["data"]["site"]) for r in records if r["event"] == "update"}
+    assert all((rnd, site) in updates for rnd in range(1, 5) for site in names[:2])  # the others never stopped
+    assert any((rnd, victim) in updates for rnd in (3, 4))  # back, and taking part again
+    assert not any(site.startswith("node-") for _, site in failed)  # failures are named by site
+    assert [r["event"] for r in records][-1] == "run-end"
