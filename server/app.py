@@ -57,6 +57,11 @@ def main(grid: Grid, context: Context) -> None:
         raise
     for _, reason in refused.values():
         log(INFO, "fedhosp: %s", reason)
+    if settings.strategy == "bulyan" and len(sites) < 4 * settings.num_malicious_nodes + 3:
+        reason = (f"bulyan with num-malicious-nodes={settings.num_malicious_nodes} needs at least "
+                  f"{4 * settings.num_malicious_nodes + 3} sites; {len(sites)} take part")
+        ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": reason})
+        raise FederationError(reason)
     features = list(next(iter(sites.values())).features)
     log(INFO, "fedhosp: %d sites: %s", len(sites), ", ".join(sorted(s.name for s in sites.values())))
     model = settings.build_model(len(features))

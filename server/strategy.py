@@ -187,15 +187,18 @@ class ReportingStrategy(Strategy):
                                                  "global_model_hash": arrays_hash(self.global_arrays)})
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is not None:
-            arrays = self._model_dtypes(arrays)
+        if arrays is None:  # the wrapped strategy declined (e.g. too few updates for Bulyan)
+            self.current.skipped = f"{type(self.inner).__name__} did not aggregate {len(replies)} update(s)"
+            self.ledger.append("round-skipped", {"round": server_round, "reason": self.current.skipped,
+                                                 "global_model_hash": arrays_hash(self.global_arrays)})
+            return None, metrics
+        arrays = self._model_dtypes(arrays)
         if metrics is not None:
             self.current.train_aggregate = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if arrays is not None:
-            self.global_arrays = arrays
+        self.global_arrays = arrays
         self.ledger.append("aggregation", {
             "round": server_round, "sites": sorted(self._site(m) for m in replies),
-            "global_model_hash": arrays_hash(arrays) if arrays is not None else None,
+            "global_model_hash": arrays_hash(arrays),
             "metrics": self.current.train_aggregate})
         return arrays, metrics
 

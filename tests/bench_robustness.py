@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -226,6 +227,9 @@ def federated_run(spec: Spec, app: Path, env: dict[str, str], uri: str, roots: d
         console.out("\n".join(outcome.log.strip().splitlines()[-15:]), highlight=False)
     elif result.aggregated == 0:
         result.error = "completed, but no round aggregated: the final model is the initial one"
+        said = re.findall(r"(Insufficient replies[^\n]*)", outcome.log)  # e.g. Bulyan's 4f + 3 warning
+        if said:
+            result.error += f" (Flower: {said[-1].strip()})"
     elif result.rounds_logged != rounds:
         result.error = f"{result.rounds_logged} of {rounds} rounds logged"
     return result
