@@ -40,7 +40,12 @@ def find_checkpoint(settings: RunSettings) -> ckpt.Checkpoint | None:
     path = Path(settings.resume_from).expanduser()
     if not path.is_file():
         path = Path(checkpoint_of_run(settings, settings.resume_from))
-    return ckpt.load(path)
+    checkpoint = ckpt.load(path)
+    now = settings.as_params()
+    changed = sorted(k for k, v in checkpoint.run_config.items() if k != "resume-from" and now.get(k) != v)
+    if changed:  # a different run config would not continue the same run
+        raise FederationError(f"resume-from: the run config differs from the checkpointed run in {changed}")
+    return checkpoint
 
 
 @app.main()

@@ -136,7 +136,8 @@ def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it
     victim = names[2]
     with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs))) as d:
         result: dict = {}
-        config = {"num-server-rounds": 4, "round-timeout": 15.0, "min-train-nodes": 2, "local-epochs": 60}
+        # each message starts a fresh ClientApp process (seconds of imports on 2 shared cores): 30 s is ample
+        config = {"num-server-rounds": 3, "round-timeout": 30.0, "min-train-nodes": 2, "local-epochs": 30}
         thread = threading.Thread(target=lambda: result.update(run=run_on(d, APP_DIR, config)))
         thread.start()
         ledgers = d.workdir / "coordinator" / "ledgers"
@@ -166,7 +167,7 @@ def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it
     failed = [(r["data"]["round"], r["data"]["site"]) for r in records if r["event"] == "update-failed"]
     assert failed and {site for _, site in failed} == {victim}  # the round it died in, and while it was away
     updates = {(r["data"]["round"], r["data"]["site"]) for r in records if r["event"] == "update"}
-    assert all((rnd, site) in updates for rnd in range(1, 5) for site in names[:2])  # the others never stopped
-    assert any((rnd, victim) in updates for rnd in (3, 4))  # back, and taking part again
+    assert all((rnd, site) in updates for rnd in range(1, 4) for site in names[:2])  # the others never stopped
+    assert (3, victim) in updates  # back, and taking part again
     assert not any(site.startswith("node-") for _, site in failed)  # failures are named by site
     assert [r["event"] for r in records][-1] == "run-end"
