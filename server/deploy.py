@@ -198,5 +198,5 @@ def run_on(deployment: Deployment, app_dir: Path, run_config: dict, echo=None, t
     """``flwr run`` against the deployment's SuperLink, waiting for the run's real status."""
     config = {"mlflow-uri": deployment.mlflow_uri, "min-nodes": len(deployment.sites), **run_config}
     command = ["flwr", "run", str(app_dir), deployment.connection, "--stream",
-               "--run-config", runner._config_arg(config)]
+               "--run-config", runner.config_arg(config)]
     return runner.submit(command, deployment.env, deployment.connection, app_dir, echo, timeout)

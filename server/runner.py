@@ -161,7 +161,7 @@ class RunOutcome:
         return self.status == "finished:completed"
 
 
-def _config_arg(values: dict[str, object]) -> str:
+def config_arg(values: dict[str, object]) -> str:
     def toml(v: object) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -198,7 +198,7 @@ def flwr_run(app_dir: Path, env: dict[str, str], run_config: dict[str, object], 
     command = ["flwr", "run", str(app_dir), name, "--stream",
                "--federation-config", f"num-supernodes={num_supernodes}"]
     if run_config:
-        command += ["--run-config", _config_arg(run_config)]
+        command += ["--run-config", config_arg(run_config)]
     return submit(command, env, name, app_dir, echo, timeout)
 
 

@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from server.runner import _config_arg
+from server.runner import config_arg
 from server.settings import RunSettings
 from server.sites import reason_text
 from server.strategy import build_strategy
@@ -68,7 +68,7 @@ def test_reason_text_unwraps_supernode_and_simulation_errors():
 
 
 def test_run_config_overrides_are_passed_as_toml_values():
-    assert _config_arg({"a": 1, "b": 0.5, "c": "it's", "d": True}) == 'a=1 b=0.5 c="it\'s" d=true'
+    assert config_arg({"a": 1, "b": 0.5, "c": "it's", "d": True}) == 'a=1 b=0.5 c="it\'s" d=true'
 
 
 def test_empty_model_lr_and_batch_size_take_the_tasks_defaults():
