@@ -9,6 +9,7 @@ the coordinator.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -18,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import qc
 from client.data.tabular import SiteDataError
 from client.ledger import Ledger, load_or_create_key
 from client.policy import SitePolicy, installed_app_hash
@@ -28,21 +30,26 @@ from models.registry import model_hash
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fedhosp.data"
+MODEL_SPEC_KEYS = ("task", "endpoint", "target", "model", "image-size")
 
 
 def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
     """Record in the site's own signed ledger what this node received, sent or refused."""
     try:
-        site = _site(context)
+        site = _site(context, run_config=effective_run_config(msg, context))
     except Exception:
         site = None
     ledger = site_ledger(context, site)
-    kind = msg.metadata.message_type.split(".")[0]
+    kind = msg.metadata.message_type.replace(".", "-")  # "evaluate-validate" for a validation
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
     entry = {"run_id": context.run_id, "site": site.name if site else None, "round": config.get("server-round"),
              "received": {"config": config}}
     if "arrays" in msg.content.array_records:
         entry["received"]["model_hash"] = model_hash({k: a.numpy() for k, a in msg.content["arrays"].items()})
+    others = {name: record for name, record in msg.content.array_records.items() if name != "arrays"}
+    if others:  # a cross-site evaluation sends several models
+        entry["received"]["model_hashes"] = {name: model_hash({k: a.numpy() for k, a in record.items()})
+                                             for name, record in others.items()}
     try:
         reply = call_next(msg, context)
     except Exception as exc:  # the text is what leaves the node (already free of identifiers)
@@ -63,13 +70,28 @@ def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
 
 def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
     """Enforce the hospital's policy (node config ``policy``) before any data is read."""
-    site = _site(context)
+    run_config = effective_run_config(msg, context)
+    site = _site(context, run_config=run_config)
     policy = SitePolicy.load(context.node_config.get("policy"), site.name)
     config = msg.content["config"] if "config" in msg.content.config_records else {}
-    policy.check_run(site.name, str(context.run_config.get("task", "oncology")),
+    policy.check_run(site.name, str(run_config.get("task", "oncology")),
                      int(context.run_config.get("num-server-rounds", 0)), config.get("server-round"),
                      installed_app_hash(__file__))
     return call_next(msg, context)
+
+
+def effective_run_config(msg: Message, context: Context) -> dict:
+    """The run config, with the model's own task keys when the coordinator sends a model to validate.
+
+    A validation run names only ``model-uri``; the coordinator reads the model's
+    task, outcome and architecture from its spec and sends them in the message
+    config (data only: names and numbers).
+    """
+    run_config = dict(context.run_config)
+    if "config" in msg.content.config_records:
+        config = msg.content["config"]
+        run_config.update({key: config[key] for key in MODEL_SPEC_KEYS if key in config})
+    return run_config
 
 
 def site_ledger(context: Context, site: Site | None) -> Ledger:
@@ -88,12 +110,12 @@ def site_ledger(context: Context, site: Site | None) -> Ledger:
 app = ClientApp(mods=[site_ledger_mod, site_policy_mod])
 
 
-def _open(context: Context):
+def _open(context: Context, msg: Message):
     """The task, this node's site and its data (read through the task's reader and cache).
 
     The data's fingerprint is left in ``context.state`` for the site ledger.
     """
-    task = task_for(dict(context.run_config), dict(context.node_config))
+    task = task_for(effective_run_config(msg, context), dict(context.node_config))
     site = _site(context, task)
     data = task.load(site)
     context.state[FINGERPRINT] = ConfigRecord({"data-fingerprint": task.fingerprint(site, data)})
@@ -102,8 +124,8 @@ def _open(context: Context):
     return task, site, data
 
 
-def _site(context: Context, task=None) -> Site:
-    task = task or task_for(dict(context.run_config), dict(context.node_config))
+def _site(context: Context, task=None, run_config: dict | None = None) -> Site:
+    task = task or task_for(run_config or dict(context.run_config), dict(context.node_config))
     return resolve_site(dict(context.node_config), str(context.run_config.get("data-root", "")), task.demo_site)
 
 
@@ -120,7 +142,7 @@ def _safe(handler):
         except Exception as exc:
             log.exception("fedhosp %s failed on this node", handler.__name__)
             try:
-                name = _site(context).name
+                name = _site(context, run_config=effective_run_config(msg, context)).name
             except Exception:
                 name = "unknown"
             raise RuntimeError(
@@ -133,7 +155,7 @@ def _safe(handler):
 @app.query()
 @_safe
 def describe(msg: Message, context: Context) -> Message:
-    task, site, data = _open(context)
+    task, site, data = _open(context, msg)
     features, counts = task.describe(data)
     info = ConfigRecord({"site-name": site.name, "features": features})
     metrics = MetricRecord({"num-train": len(data.train), "num-test": len(data.test), **counts})
@@ -143,7 +165,7 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 @_safe
 def train(msg: Message, context: Context) -> Message:
-    task, site, data = _open(context)
+    task, site, data = _open(context, msg)
     cfg = msg.content["config"]
     model = task.build(data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -166,11 +188,40 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_safe
 def evaluate(msg: Message, context: Context) -> Message:
-    task, _, data = _open(context)
+    task, _, data = _open(context, msg)
     model = task.build(data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     started = time.perf_counter()
     metrics = task.evaluate(model, data)
     metrics["eval_seconds"] = time.perf_counter() - started
+    metrics["num-examples"] = len(data.test)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate("validate")
+@_safe
+def validate(msg: Message, context: Context) -> Message:
+    """Test one model (``"arrays"``) or several (``"model/<label>"``, cross-site) on this site's test split.
+
+    Figures for each model are prefixed ``<label>::``; subgroups are computed for
+    the single-model case only (a cross-site matrix shows the main metrics).
+    """
+    task, site, data = _open(context, msg)
+    cfg = msg.content["config"]
+    policy = SitePolicy.load(context.node_config.get("policy"), site.name)
+    policy.check_examples(site.name, len(data.test), task.unit)
+    settings = qc.QCSettings(bootstrap=int(cfg["bootstrap-samples"]), min_cell=int(cfg["min-cell"]),
+                             threshold=float(cfg["threshold"]), seed=int(cfg["seed"]))
+    records = dict(msg.content.array_records)
+    started = time.perf_counter()
+    metrics: dict = {}
+    for name, record in sorted(records.items()):
+        model = task.build(data)
+        model.load_state_dict(record.to_torch_state_dict())
+        single = name == "arrays"
+        result = qc.validate(task.predictions(model, data),
+                             settings if single else dataclasses.replace(settings, subgroups=False))
+        metrics.update(qc.flatten(result, "" if single else name.removeprefix("model/") + "::"))
+    metrics["validate_seconds"] = time.perf_counter() - started
     metrics["num-examples"] = len(data.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

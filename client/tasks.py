@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 from client import train as local
+from client.qc import Predictions
 from client.site import Site, fedhosp_home
 from models.registry import DEFAULT_MODEL, build_model
 
@@ -55,6 +58,14 @@ class OncologyTask:
     def evaluate(self, model, data) -> dict[str, float]:
         return local.evaluate_tabular(model, data.test, self.endpoint)
 
+    def predictions(self, model, data) -> Predictions:
+        """The test split with the model's outputs, for validation (stays on the node)."""
+        test = data.test
+        out = local.predict(model, test.x)
+        if self.endpoint == "survival":
+            return Predictions("survival", out, test.time, test.event, groups=test.groups)
+        return Predictions("response", 1.0 / (1.0 + np.exp(-out)), test.label, groups=test.groups)
+
 
 class RadiologyTask:
     unit = "images"
@@ -95,6 +106,12 @@ class RadiologyTask:
 
     def evaluate(self, model, data) -> dict[str, float]:
         return local.evaluate_images(model, data.test, self.target)
+
+    def predictions(self, model, data) -> Predictions:
+        test = data.test
+        prob = torch.softmax(torch.from_numpy(local.predict(model, test.images)), dim=1).numpy()
+        score = prob[:, 1] if self.target == "referral" else prob
+        return Predictions(self.target, score, test.labels, clusters=test.patients, groups=test.groups)
 
 
 TASKS = {"oncology": OncologyTask, "radiology": RadiologyTask}

@@ -20,6 +20,7 @@ from client.ledger import Ledger, load_or_create_key
 from client.site import fedhosp_home
 from models.registry import model_hash
 from server import checkpoint as ckpt
+from server.qc import run_validation
 from server.settings import RunSettings
 from server.sites import FederationError, discover_sites
 from server.strategy import ReportingStrategy, SiteRound, build_strategy
@@ -48,9 +49,26 @@ def find_checkpoint(settings: RunSettings) -> ckpt.Checkpoint | None:
     return checkpoint
 
 
+def validate(grid: Grid, context: Context, settings: RunSettings) -> None:
+    """``mode = validate | cross-site`` (server/qc.py), recorded in the same kind of signed ledger."""
+    ledger = Ledger(fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl", coordinator_key(),
+                    {"role": "coordinator", "run_id": context.run_id})
+    try:
+        summary = run_validation(grid, context, settings, ledger)
+    except (FederationError, ValueError) as exc:
+        if not ledger.path.exists() or "run-failed" not in ledger.path.read_text(encoding="utf-8"):
+            ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": str(exc)})
+        raise
+    log(INFO, "fedhosp validation: %s", json.dumps({k: summary[k] for k in ("verdict", "report", "drift")}))
+    log(INFO, "fedhosp summary: %s", json.dumps(summary))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
+    if settings.mode != "train":
+        validate(grid, context, settings)
+        return
     resume = find_checkpoint(settings)
     original_run = resume.flwr_run_id if resume else context.run_id
     ledger_path = Path(resume.ledger_path) if resume else fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl"

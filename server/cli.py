@@ -58,6 +58,8 @@ def run(
         console.print(f"[red]Run {outcome.run_id} finished but no MLflow summary was found in {uri}[/]")
         raise typer.Exit(1)
     print_summary(summary, console)
+    if summary.get("verdict") == "FAIL":  # a validation completed, and the model did not pass: gate on it
+        raise typer.Exit(3)
 
 
 @app.command("demo-data")

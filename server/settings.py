@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, fields
 
+MODES = ("train", "validate", "cross-site")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
               "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 # What an empty model, lr = 0 or batch-size = 0 in the run config stand for, per task:
@@ -45,6 +46,11 @@ class RunSettings:
     max_update_ratio: float = 10.0
     max_examples: int = 0
     resume_from: str = ""
+    mode: str = "train"
+    model_uri: str = ""
+    criteria: str = ""
+    min_cell: int = 10
+    bootstrap_samples: int = 1000
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunSettings":
@@ -80,6 +86,14 @@ class RunSettings:
                 raise ValueError(f"run-config model={self.model!r} for radiology; choose one of {radiology.MODELS}")
             if not 16 <= self.image_size <= 1024:
                 raise ValueError("run-config image-size must be between 16 and 1024")
+        if self.mode not in MODES:
+            raise ValueError(f"run-config mode={self.mode!r}; choose one of {MODES}")
+        if self.mode == "validate" and not self.model_uri:
+            raise ValueError("run-config mode='validate' needs model-uri (models:/<name>/<version> or a model file)")
+        if self.min_cell < 1:
+            raise ValueError("run-config min-cell must be at least 1")
+        if self.bootstrap_samples < 0:
+            raise ValueError("run-config bootstrap-samples must not be negative")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"run-config strategy={self.strategy!r}; choose one of {STRATEGIES}")
         if self.num_server_rounds < 1:

@@ -58,14 +58,17 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 REFUSAL = re.compile(r"^site (?P<site>.+?): policy refuses")
 
 
-def discover_sites(grid: Grid, minimum: int, timeout: float) -> tuple[dict[int, SiteInfo], dict[int, tuple[str, str]]]:
+def discover_sites(grid: Grid, minimum: int, timeout: float, config: dict | None = None
+                   ) -> tuple[dict[int, SiteInfo], dict[int, tuple[str, str]]]:
     """Sites that accept the run, and those whose policy refuses it (node -> (site, reason)).
 
     A refusal is the hospital's right and does not stop the run; broken data does.
+    ``config`` adds the task keys of a model under validation (names and numbers only).
     """
     nodes = wait_for_nodes(grid, minimum, timeout)
     messages = [
-        Message(RecordDict({"config": ConfigRecord({"request": "describe"})}), dst_node_id=node, message_type=MessageType.QUERY)
+        Message(RecordDict({"config": ConfigRecord({"request": "describe", **(config or {})})}), dst_node_id=node,
+                message_type=MessageType.QUERY)
         for node in nodes
     ]
     replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=timeout)}

@@ -44,7 +44,53 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --port 5000"
 
 
+def _ci(figure: dict | None) -> str:
+    figure = figure or {}
+    value, low, high = figure.get("value"), figure.get("low"), figure.get("high")
+    if value is None:
+        return "–"
+    return f"{value:.2f} ({low:.2f}–{high:.2f})" if low is not None and high is not None else f"{value:.2f}"
+
+
+def print_validation(summary: dict, console: Console) -> None:
+    colour = {"PASS": "green", "FAIL": "red"}
+    table = Table(title=f"fedhosp {summary['mode']} {summary['flwr_run_id']}: {summary['model_uri'] or 'site models'} "
+                        f"({summary['task']}/{summary['outcome']}), criteria {summary['criteria']}")
+    metrics = summary["metrics"]
+    for column in ["site", "n", *metrics, "verdict"]:
+        table.add_column(column, justify="left" if column in ("site", "verdict") else "right")
+    for name, site in sorted(summary["sites"].items()):
+        verdict = site["verdict"]
+        table.add_row(name, _fmt(site.get("n")), *[_ci(site["metrics"].get(m)) for m in metrics],
+                      f"[{colour.get(verdict, 'yellow')}]{verdict}[/]" + (f" {site['error']}" if site.get("error") else ""))
+    console.print(table)
+    cross = summary.get("cross_site")
+    if cross:
+        matrix = Table(title=f"cross-site {cross['metric']}: trained at (rows) x evaluated at (columns)")
+        matrix.add_column("trained at")
+        for site in cross["sites"]:
+            matrix.add_column(site, justify="right")
+        for model in cross["models"]:
+            matrix.add_row(model, *[_ci(cross["matrix"].get(model, {}).get(site)) for site in cross["sites"]])
+        console.print(matrix)
+    console.print(f"Verdict         : [bold {colour.get(summary['verdict'], 'yellow')}]{summary['verdict']}[/]")
+    for reason in summary["reasons"]:
+        console.print(f"  - {reason}")
+    for flag in summary.get("drift") or []:
+        console.print(f"[yellow]{flag}[/]")
+    console.print(f"Report          : {summary['report']}")
+    console.print(f"MLflow run      : {summary['mlflow_run_id']} (experiment '{summary['experiment']}', "
+                  f"status {summary.get('mlflow_status', '?')})")
+    if summary.get("registered_model"):
+        console.print(f"Registry        : {summary['registered_model']} tagged fedhosp.validation.verdict="
+                      f"{summary['verdict']}")
+    console.print(f"Open the UI     : [bold]{ui_command(summary['tracking_uri'])}[/]")
+
+
 def print_summary(summary: dict, console: Console) -> None:
+    if summary.get("mode", "train") != "train":
+        print_validation(summary, console)
+        return
     metrics = METRICS.get(summary["outcome"], ["auc", "accuracy"])
     unit = "patients" if summary["task"] == "oncology" else "images"
     table = Table(title=f"fedhosp run {summary['flwr_run_id']}: {summary['task']} ({summary['outcome']}), "

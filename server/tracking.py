@@ -9,7 +9,9 @@ exception the run is closed as FAILED, so a broken run never looks finished.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -170,8 +172,8 @@ class Tracker:
         folder.mkdir(parents=True, exist_ok=True)
         spec = {
             "task": self.settings.task, "outcome": self.settings.outcome, "model": self.settings.model,
-            "features": features, "image_size": self.settings.image_size if self.settings.task == "radiology" else None, "model_hash": digest, "flwr_run_id": self.flwr_run_id,
-            "mlflow_run_id": self.run_id,
+            "features": features, "image_size": self.settings.image_size if self.settings.task == "radiology" else None,
+            "threshold": 0.5, "model_hash": digest, "flwr_run_id": self.flwr_run_id, "mlflow_run_id": self.run_id,
         }
         torch.save(state, folder / "model.pt")
         (folder / "model.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
@@ -179,12 +181,11 @@ class Tracker:
         mlflow.set_tag("fedhosp.model_hash", digest)
 
         started = time.perf_counter()
-        info = mlflow.pytorch.log_model(
-            model, name="model", registered_model_name=registered_name(self.settings),
-            input_example=input_example, await_registration_for=60,
-        )
-        version = info.registered_model_version
-        self.version = str(version) if version is not None else None
+        # The registered version's source is final_model/ (state dict + spec): what validation
+        # (``model-uri = models:/...``) loads; exporting a pt2 program cost ~10 s per run.
+        version = register_version(self.client, registered_name(self.settings), mlflow.get_artifact_uri("final_model"),
+                                   self.run_id)
+        self.version = version
         if version is not None:
             contributing = sorted(set().union(*(r.train for r in self.rounds)))  # sites whose updates were used
             for key, value in {"fedhosp.sites": ",".join(contributing),
@@ -203,7 +204,7 @@ class Tracker:
             "registered_model": f"models:/{registered_name(self.settings)}/{version}" if version else None,
             "model_file": str(folder / "model.pt"),
             "model_hash": digest,
-            "log_model_seconds": round(time.perf_counter() - started, 2),
+            "register_seconds": round(time.perf_counter() - started, 2),
             "sites": {s.name: {**(last.evaluate.get(s.name, {}) if last else {}),
                                "num_train": s.num_train, "num_test": s.num_test} for s in self.sites},
             "aggregate": last.evaluate_aggregate if last else {},
@@ -212,3 +213,151 @@ class Tracker:
             "skipped_rounds": [r.server_round for r in self.rounds if r.skipped],
         }
         return summary
+
+
+def register_version(client: MlflowClient, name: str, source: str, run_id: str | None) -> str | None:
+    """A new version of ``name`` whose source is a final_model/ folder (model.pt + model.json)."""
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return str(client.create_model_version(name, source, run_id=run_id, await_creation_for=60).version)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def mlflow_name(text: str) -> str:
+    """A subgroup or site label as MLflow accepts in a metric name (``<50`` -> ``under 50``, ``80+`` -> ``80 plus``)."""
+    text = str(text).replace("<", "under ").replace("+", " plus")
+    return re.sub(r"[^\w\-. :/]", "_", text)
+
+
+def download_model(uri: str, tracking: str) -> tuple[Path, tuple[str, str] | None]:
+    """The final_model/ folder a ``models:/name/version`` (or ``@alias``) or ``runs:/`` URI points to.
+
+    Returns the local folder and, for a registry URI, (name, version) for tagging the verdict.
+    """
+    client = MlflowClient(tracking)
+    if uri.startswith("models:/"):
+        ref = uri.removeprefix("models:/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, number = ref.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise ValueError(f"model-uri {uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        source = version.source
+        if not source or "final_model" not in source:  # a version logged some other way: its run's final_model/
+            if not version.run_id:
+                raise ValueError(f"model-uri {uri!r}: the version has no fedhosp final_model/ and no run")
+            source = f"runs:/{version.run_id}/final_model"
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking)
+        return Path(folder), (name, str(version.version))
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking)
+    return Path(folder), None
+
+
+class ValidationTracker:
+    """One MLflow run per validation: per-site figures, the verdict, the report, the registry tag."""
+
+    def __init__(self, settings: RunSettings, flwr_run_id: int, model_hash_: str, model_uri: str, ledger: Ledger):
+        self.settings, self.flwr_run_id, self.model_hash, self.model_uri = settings, flwr_run_id, model_hash_, model_uri
+        self.uri = tracking_uri(settings)
+        self.ledger = ledger
+        self.run_id = ""
+
+    def __enter__(self) -> "ValidationTracker":
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment = _experiment_id(self.client, self.uri, self.settings.mlflow_experiment)
+        run = mlflow.start_run(experiment_id=self.experiment, run_name=f"{self.settings.mode}-flwr-{self.flwr_run_id}",
+                               tags={FLWR_RUN_TAG: str(self.flwr_run_id), "fedhosp.mode": self.settings.mode,
+                                     "fedhosp.task": self.settings.task, "fedhosp.outcome": self.settings.outcome,
+                                     "fedhosp.model_hash": self.model_hash, "fedhosp.model_uri": self.model_uri})
+        self.run_id = run.info.run_id
+        mlflow.log_params(self.settings.as_params())
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            mlflow.set_tag("fedhosp.error", f"{exc_type.__name__}: {exc}"[:5000])
+        mlflow.end_run("FAILED" if exc is not None else "FINISHED")
+
+    def previous(self) -> dict | None:
+        """The newest finished validation of the same weights (by model hash), for drift."""
+        runs = self.client.search_runs(
+            [self.experiment],
+            filter_string=(f"tags.`fedhosp.model_hash` = '{self.model_hash}' and tags.`fedhosp.mode` = 'validate' "
+                           "and attributes.status = 'FINISHED'"),
+            order_by=["attributes.start_time DESC"], max_results=5)
+        for run in runs:
+            if run.info.run_id == self.run_id:
+                continue
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="validation.json",
+                                                           tracking_uri=self.uri)
+            except Exception:
+                continue
+            previous = json.loads(Path(path).read_text(encoding="utf-8"))
+            previous["mlflow_run_id"] = run.info.run_id
+            return previous
+        return None
+
+    def log(self, result: dict, report: Path) -> str:
+        """Figures as metrics (suppressed groups have none), the result and report as artifacts; the report URI."""
+        metrics: dict[str, float] = {}
+
+        def put(key: str, figure: dict | None) -> None:
+            for part, suffix in (("value", ""), ("low", "_low"), ("high", "_high")):
+                value = (figure or {}).get(part)
+                if value is not None and math.isfinite(value):
+                    metrics[mlflow_name(key) + suffix] = float(value)
+
+        for name, site in result["sites"].items():
+            metrics[f"{mlflow_name(name)}/passed"] = 1.0 if site.get("verdict") == "PASS" else 0.0
+            if site.get("status") != "ok":
+                continue
+            metrics[f"{mlflow_name(name)}/num_test"] = float(site["n"])
+            for metric, figure in site["metrics"].items():
+                put(f"{name}/{metric}", figure)
+            for attribute, groups in site.get("subgroups", {}).items():
+                for value, group in groups.items():
+                    if group.get("suppressed"):
+                        continue
+                    if "n" in group:
+                        metrics[mlflow_name(f"{name}/{attribute} {value}/n")] = float(group["n"])
+                    for metric, figure in group.get("metrics", {}).items():
+                        put(f"{name}/{attribute} {value}/{metric}", figure)
+        for model, row in (result.get("cross_site") or {}).get("matrix", {}).items():
+            for site, figure in row.items():
+                put(f"cross_site/{model}/{site}/{result['cross_site']['metric']}", figure)
+        metrics["federation/passed"] = 1.0 if result["verdict"] == "PASS" else 0.0
+        metrics["federation/drift_flags"] = float(len(result["drift"]["flags"]))
+        mlflow.log_metrics(metrics, step=0)
+        mlflow.set_tags({"fedhosp.verdict": result["verdict"], "fedhosp.criteria": result["criteria"]["name"]})
+        mlflow.log_dict(result, "validation.json")
+        mlflow.log_artifact(str(report), "report")
+        self.log_ledger()
+        return mlflow.get_artifact_uri(f"report/{report.name}")
+
+    def log_ledger(self) -> None:
+        mlflow.log_text(self.ledger.path.read_text(encoding="utf-8"), "audit/ledger.jsonl")
+        mlflow.set_tag(LEDGER_HEAD_TAG, self.ledger.head)
+
+    def log_summary(self, summary: dict) -> None:
+        mlflow.log_dict(summary, "summary.json")
+
+    def tag_version(self, registry: tuple[str, str], result: dict, report_uri: str, report_path: Path) -> None:
+        """The verdict on the registered model version: what a hospital checks before switching it on."""
+        name, version = registry
+        tags = {"fedhosp.validation.verdict": result["verdict"], "fedhosp.validation.report": report_uri,
+                "fedhosp.validation.report_file": str(report_path), "fedhosp.validation.run": self.run_id,
+                "fedhosp.validation.criteria": result["criteria"]["name"],
+                "fedhosp.validation.sites": ",".join(f"{n}={s.get('verdict')}" for n, s in result["sites"].items()),
+                "fedhosp.validation.drift": "; ".join(result["drift"]["flags"])[:4000] or "none"}
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)

@@ -60,7 +60,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
-from client.data.tabular import TEST_FRACTION, SiteDataError
+from client.data.tabular import TEST_FRACTION, SiteDataError, age_band
 from client.site import fedhosp_home
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ UID_COLUMN = "SOPInstanceUID"
 FILE_COLUMN = "file"
 PATIENT_COLUMN = "PatientID"
 PREPROCESS_VERSION = "1"
+HEADER_VERSION = "2"  # what a cached verdict holds of the header (2: sex and age)
 KL_GRADES = 5
 REFERRAL_GRADE = 2  # KL >= 2: definite osteoarthritis, referred
 TARGETS = {"kl-grade": KL_GRADES, "referral": 2}
@@ -101,6 +102,10 @@ class ImageSplit:
     images: np.ndarray  # float32 [N, 1, H, W]
     labels: np.ndarray  # int64 [N], the target
     vendors: list[str]  # Manufacturer per image; stays on the node (subgroup metrics)
+    # Per image, all on the node only: the patient (index, for patient-level bootstrap) and the
+    # subgroup labels validation reports on (sex, age band, vendor); "" where the header has none.
+    patients: np.ndarray | None = None
+    groups: dict[str, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -144,9 +149,13 @@ def load_radiology_site(
     labels = (grades >= REFERRAL_GRADE).astype(np.int64) if target == "referral" else grades
     pixels = np.stack([image.pixels for image in scan.images])[:, None].astype(np.float32)
     vendors = [image.vendor for image in scan.images]
+    patients = np.unique([image.group for image in scan.images], return_inverse=True)[1].astype(np.int64)
+    groups = {"sex": [image.sex for image in scan.images],
+              "age": [age_band(image.age) for image in scan.images], "vendor": vendors}
 
     def part(mask: np.ndarray) -> ImageSplit:
-        return ImageSplit(pixels[mask], labels[mask], [v for v, m in zip(vendors, mask) if m])
+        return ImageSplit(pixels[mask], labels[mask], [v for v, m in zip(vendors, mask) if m], patients[mask],
+                          {k: [v for v, m in zip(values, mask) if m] for k, values in groups.items()})
 
     counts = np.bincount(labels, minlength=TARGETS[target])
     return RadiologySite(site, part(~is_test), part(is_test), scan.skipped,
@@ -357,7 +366,7 @@ class _Cache:
 
     @staticmethod
     def _verdict_name(sha: str) -> str:
-        return f"{sha}-v{PREPROCESS_VERSION}.json"
+        return f"{sha}-v{PREPROCESS_VERSION}h{HEADER_VERSION}.json"
 
     @staticmethod
     def _image_name(sha: str, size: int) -> str:
@@ -385,6 +394,8 @@ class _Header:
     uid: str
     patient: str
     vendor: str
+    sex: str = ""  # PatientSex: F, M or O
+    age: int = -1  # years, from PatientAge (else birth and study dates); -1: unknown
 
 
 @dataclass(frozen=True)
@@ -410,6 +421,8 @@ class _Image:
     group: str  # the patient, or the image itself when no PatientID is known
     vendor: str
     pixels: np.ndarray
+    sex: str = ""
+    age: int = -1
 
 
 @dataclass
@@ -471,7 +484,8 @@ def _load(path: Path, folder: Path, labels: _Labels, matched: set[str], used_uid
     if pixels is None:
         pixels = _decode(ds or _open(data), sha, image_size, cache)
     used_uids.add(header.uid)
-    return _Image(sha, row.grade, row.split, row.patient or header.patient or f"image:{sha}", header.vendor, pixels)
+    return _Image(sha, row.grade, row.split, row.patient or header.patient or f"image:{sha}", header.vendor, pixels,
+                  header.sex, header.age)
 
 
 def _header(data: bytes, sha: str, cache: _Cache) -> tuple[_Header, Dataset | None]:
@@ -491,9 +505,29 @@ def _header(data: bytes, sha: str, cache: _Cache) -> tuple[_Header, Dataset | No
         uid=str(ds.get("SOPInstanceUID", "")).strip(),
         patient=str(ds.get("PatientID", "")).strip(),
         vendor=str(ds.get("Manufacturer", "")).strip() or "unknown",
+        sex=_sex(ds),
+        age=_age(ds),
     )
     cache.put_verdict(sha, asdict(header))
     return header, ds
+
+
+def _sex(ds: Dataset) -> str:
+    value = str(ds.get("PatientSex", "") or "").strip().upper()
+    return value if value in ("F", "M", "O") else ""
+
+
+def _age(ds: Dataset) -> int:
+    """PatientAge ("061Y"; D/W/M count as under one year), else StudyDate minus PatientBirthDate."""
+    text = str(ds.get("PatientAge", "") or "").strip().upper()
+    match = re.fullmatch(r"(\d{1,3})([DWMY])", text)
+    if match:
+        return int(match.group(1)) if match.group(2) == "Y" else int(match.group(1)) // {"D": 365, "W": 52, "M": 12}[match.group(2)]
+    born, seen = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+    if re.fullmatch(r"\d{8}", born) and re.fullmatch(r"\d{8}", seen):
+        years = int(seen[:4]) - int(born[:4]) - (seen[4:] < born[4:])
+        return years if 0 <= years < 130 else -1
+    return -1
 
 
 def _decode(ds: Dataset, sha: str, image_size: int, cache: _Cache) -> np.ndarray:

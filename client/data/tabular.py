@@ -20,6 +20,15 @@ log = logging.getLogger(__name__)
 COHORT_FILE = "cohort.csv"
 RESERVED = ("time", "event", "split", "patient_id", "label")
 TEST_FRACTION = 0.25
+AGE_BANDS = ((0, 50, "<50"), (50, 65, "50-64"), (65, 80, "65-79"), (80, 200, "80+"))
+
+
+def age_band(age: float) -> str:
+    """The validation report's age bands; "" for an unknown age."""
+    for low, high, name in AGE_BANDS:
+        if low <= age < high:
+            return name
+    return ""
 
 
 class SiteDataError(ValueError):
@@ -32,6 +41,9 @@ class Split:
     time: np.ndarray
     event: np.ndarray
     label: np.ndarray | None
+    # Subgroup labels per patient for validation reports (``sex``: 0 = F, 1 = M; ``age`` bands), when the
+    # cohort has those columns; "" where unknown. They stay on the node.
+    groups: dict[str, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.time)
@@ -120,10 +132,22 @@ def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", s
     e = event[keep].to_numpy(dtype=np.int64)
     y = label[keep].to_numpy(dtype=np.int64) if label is not None else None
 
+    groups = _subgroups(data)
+
     def part(mask: np.ndarray) -> Split:
-        return Split(x[mask], t[mask], e[mask], None if y is None else y[mask])
+        return Split(x[mask], t[mask], e[mask], None if y is None else y[mask],
+                     {k: [v for v, m in zip(values, mask) if m] for k, values in groups.items()})
 
     return SiteCohort(site, features, part(~is_test), part(is_test), skipped, mean, std)
+
+
+def _subgroups(data: pd.DataFrame) -> dict[str, list[str]]:
+    groups = {}
+    if "sex" in data.columns:
+        groups["sex"] = [{0: "F", 1: "M"}.get(int(v), "") if np.isfinite(v) else "" for v in data["sex"].to_numpy(float)]
+    if "age" in data.columns:
+        groups["age"] = [age_band(v) if np.isfinite(v) else "" for v in data["age"].to_numpy(float)]
+    return groups
 
 
 def _stratified_test_mask(strata: np.ndarray, seed: int, site: str) -> np.ndarray:
