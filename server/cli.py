@@ -68,16 +68,37 @@ def demo_data(
     sites: int = typer.Option(5, "--sites", "-n"),
     seed: int = typer.Option(42, "--seed"),
     task: str = typer.Option("oncology", "--task", help="oncology (cohort.csv) or radiology (DICOM + labels.csv)."),
+    shift: list[str] = typer.Option([], "--shift", help="SITE=AMOUNT: rewrite that site after a change "
+                                    "(oncology: a noisier biomarker assay; radiology: a new scanner), to demo drift."),
 ) -> None:
     """Write the synthetic regional demo sites, usable as run-config data-root."""
-    if task == "radiology":
-        from client.data.radiology_demo import write_radiology_demo as write
-    elif task == "oncology":
-        from client.data.demo import write_demo as write
-    else:
+    import shutil
+
+    from client.data import demo, radiology_demo
+
+    if task not in ("oncology", "radiology"):
         raise typer.BadParameter("choose oncology or radiology", param_hint="--task")
-    for folder in write(out, sites, seed):
-        console.print(f"wrote {folder}")
+    shifts = {}
+    for item in shift:
+        name, _, amount = item.partition("=")
+        try:
+            shifts[name] = float(amount)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r}: expected SITE=AMOUNT", param_hint="--shift") from None
+    regions = demo.regions(sites, seed) if task == "oncology" else radiology_demo.radiology_regions(sites, seed)
+    unknown = set(shifts) - {r.name for r in regions}
+    if unknown:
+        raise typer.BadParameter(f"no demo site {sorted(unknown)}", param_hint="--shift")
+    for region in regions:
+        folder = out / region.name
+        amount = shifts.get(region.name, 0.0)
+        if task == "oncology":
+            demo.write_site(folder, region, seed, shift=amount, overwrite=region.name in shifts)
+        else:
+            if region.name in shifts and folder.exists():
+                shutil.rmtree(folder)
+            radiology_demo.write_radiology_site(folder, region, seed, scanner_shift=amount)
+        console.print(f"wrote {folder}" + (f" (shift {amount:g})" if amount else ""))
 
 
 @app.command("node-key")

@@ -184,7 +184,7 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
             if settings.mode == "cross-site":
                 initial = settings.build_model(len(features)).state_dict()
                 local, failed_training = train_local_models(grid, sites, settings, initial, ledger)
-                records.update({f"model/{name}": arrays for name, arrays in local.items()})
+                records.update({f"model/{name}": local[name] for name in sorted(local)})
             config = ConfigRecord({**node_config(settings), "bootstrap-samples": settings.bootstrap_samples,
                                    "min-cell": settings.min_cell, "threshold": threshold, "seed": settings.seed})
             content = {node: RecordDict({**records, "config": config}) for node in sites}
@@ -204,7 +204,7 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
                           for n, s in result["sites"].items()},
                 "cross_site": result["cross_site"], "report_sha256": _sha256(report)})
             report_uri = tracker.log(result, report)
-            if loaded and loaded.registry:
+            if loaded and loaded.registry and settings.mode == "validate":
                 tracker.tag_version(loaded.registry, result, report_uri, report)
         except Exception as exc:
             ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})

@@ -332,7 +332,7 @@ def test_a_fresh_process_decodes_nothing_and_gets_identical_arrays(tmp_path):
     assert first.decoded == 24 and len(list(cache.glob("*.npy"))) == 24
     assert not list(cache.glob(".tmp-*"))
     cut = hashlib.sha256((tmp_path / "site" / "cut.dcm").read_bytes()).hexdigest()
-    assert json.loads((cache / f"{cut}-v{dicom.PREPROCESS_VERSION}.json").read_text()) == {"skip": "not DICOM"}
+    assert json.loads((cache / f"{cut}-v{dicom.PREPROCESS_VERSION}h{dicom.HEADER_VERSION}.json").read_text()) == {"skip": "not DICOM"}
     code = (
         "import json, sys, numpy as np\n"
         "from client.data import dicom\n"

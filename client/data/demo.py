@@ -68,8 +68,14 @@ def regions(n: int, seed: int = 42) -> list[Region]:
     return out
 
 
-def cohort(region: Region, seed: int = 42) -> pd.DataFrame:
-    """One region's cohort, in the site-folder contract's columns."""
+def cohort(region: Region, seed: int = 42, shift: float = 0.0) -> pd.DataFrame:
+    """One region's cohort, in the site-folder contract's columns.
+
+    ``shift`` > 0 simulates a change of biomarker assay at the site: the recorded
+    biomarker gains measurement noise (sd ``3 * shift``) while outcomes still
+    follow the true value, so a model validated before the change does worse
+    after it (what re-validation must catch as drift). Everything else is unchanged.
+    """
     rng = np.random.default_rng([seed, zlib.crc32(region.name.encode())])
     n = region.size
     age = np.clip(rng.normal(region.age_mean, 9.0, n), 30, 95).round(0)
@@ -97,6 +103,9 @@ def cohort(region: Region, seed: int = 42) -> pd.DataFrame:
     )
     label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(int)
 
+    if shift > 0:
+        assay = np.random.default_rng([seed, zlib.crc32(region.name.encode()), 1])
+        x["biomarker"] = (biomarker + assay.normal(0.0, 3.0 * shift, n)).round(3)
     prefix = region.name[:3].upper()
     return pd.DataFrame(
         {"patient_id": [f"{prefix}-{i:06d}" for i in range(n)], **x, "time": time, "event": event, "label": label}
@@ -106,15 +115,15 @@ def cohort(region: Region, seed: int = 42) -> pd.DataFrame:
 _CENTRE = {"age": 65.0, "sex": 0.5, "stage": 2.5, "ecog": 0.6, "biomarker": 0.0, "treatment": 0.5}
 
 
-def write_site(folder: Path, region: Region, seed: int = 42) -> Path:
-    """Write ``folder/cohort.csv`` atomically (concurrent writers are safe)."""
+def write_site(folder: Path, region: Region, seed: int = 42, shift: float = 0.0, overwrite: bool = False) -> Path:
+    """Write ``folder/cohort.csv`` atomically (concurrent writers are safe); see :func:`cohort` for ``shift``."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "cohort.csv"
-    if target.exists():
+    if target.exists() and not overwrite:
         return target
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        cohort(region, seed).to_csv(fh, index=False)
+        cohort(region, seed, shift).to_csv(fh, index=False)
     os.replace(tmp, target)
     return target
 

@@ -497,17 +497,21 @@ def _write_broken_objects(region: RadiologyRegion, seed: int, paths: dict[int, P
 
 
 def write_radiology_site(
-    folder: Path, region: RadiologyRegion, seed: int = 42, n_images: int | None = None
+    folder: Path, region: RadiologyRegion, seed: int = 42, n_images: int | None = None, scanner_shift: float = 0.0
 ) -> Path:
     """Write one region's DICOM export and ``labels.csv`` (last, atomically); returns the labels file.
 
     A folder that already has ``labels.csv`` is complete and left alone, so
-    concurrent or repeated writers are safe.
+    concurrent or repeated writers are safe. ``scanner_shift`` > 0 simulates a
+    new detector at the site (more noise, a different response curve, a softer
+    image): write it into an empty folder to re-validate a model after the change.
     """
     folder = Path(folder)
     target = folder / LABELS_FILE
     if target.exists():
         return target
+    if scanner_shift > 0:
+        region = replace(region, noise=region.noise * (1 + 6 * scanner_shift), gamma=region.gamma * (1 + scanner_shift))
     count = region.n_images if n_images is None else n_images
     knees = _cohort(region, count + (2 if region.broken else 0), seed)
     labelled = knees[:count]

@@ -1,0 +1,135 @@
+"""Validation figures on the node, acceptance criteria and drift: the arithmetic, without a federation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import bootstrap
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+from client import qc
+from client.data.dicom import load_radiology_site
+from client.data.radiology_demo import radiology_regions, write_radiology_site
+from server import criteria as acceptance
+
+RNG = np.random.default_rng(7)
+
+
+def _binary(n=300, groups=None):
+    y = RNG.integers(0, 2, n)
+    score = np.clip(0.35 + 0.3 * y + RNG.normal(0, 0.2, n), 0, 1)
+    score[:15] = 0.5  # ties
+    return qc.Predictions("referral", score, y, groups=groups)
+
+
+def test_fast_metrics_equal_scikit_learn():
+    pred = _binary()
+    assert qc.auc(pred.score, pred.y) == pytest.approx(roc_auc_score(pred.y, pred.score), abs=1e-12)
+    y = RNG.integers(0, 5, 200)
+    prob = RNG.dirichlet(np.ones(5), 200)
+    assert qc.quadratic_kappa(prob.argmax(1), y, 5) == pytest.approx(
+        cohen_kappa_score(y, prob.argmax(1), weights="quadratic", labels=list(range(5))), abs=1e-12)
+    functions = qc.metric_functions("kl-grade", 0.5)
+    macro = np.mean([roc_auc_score(y == c, prob[:, c]) for c in range(5)])
+    assert functions["auc"](qc.Predictions("kl-grade", prob, y)) == pytest.approx(macro, abs=1e-12)
+    binary = qc.metric_functions("referral", 0.6)
+    assert binary["sensitivity"](pred) == pytest.approx(((pred.score >= 0.6) & (pred.y == 1)).sum() / (pred.y == 1).sum())
+    assert binary["specificity"](pred) == pytest.approx(((pred.score < 0.6) & (pred.y == 0)).sum() / (pred.y == 0).sum())
+
+
+def test_bootstrap_interval_agrees_with_scipy_percentile_bootstrap():
+    pred = _binary(400)
+    ours = qc.estimate(pred, {"auc": qc.metric_functions("referral", 0.5)["auc"]}, 2000, seed=3)["auc"]
+    ref = bootstrap((pred.score, pred.y), lambda s, y: roc_auc_score(y, s), paired=True, vectorized=False,
+                    n_resamples=2000, method="percentile", random_state=5).confidence_interval
+    assert ours["low"] < ours["value"] < ours["high"]
+    assert ours["low"] == pytest.approx(ref.low, abs=0.012) and ours["high"] == pytest.approx(ref.high, abs=0.012)
+
+
+def test_patient_bootstrap_draws_whole_patients():
+    clusters = np.repeat(np.arange(50), 2)  # every patient has both knees imaged
+    for idx in qc.bootstrap_indices(100, clusters, 20, seed=1):
+        assert len(idx) == 100
+        drawn = clusters[idx]
+        assert all(np.sum(drawn == p) % 2 == 0 for p in np.unique(drawn))
+
+
+def test_small_groups_are_suppressed_and_no_count_can_be_recovered():
+    n = 300
+    ages = np.where(np.arange(n) < 7, "80+", np.where(np.arange(n) < 150, "50-64", "65-79")).tolist()
+    sexes = ["F" if i % 2 else "M" for i in range(n)]
+    pred = _binary(n, groups={"age": ages, "sex": sexes})
+    result = qc.validate(pred, qc.QCSettings(bootstrap=50, min_cell=10))
+    assert result["subgroups"]["age"]["80+"] == {"suppressed": True}
+    assert "n" not in result["subgroups"]["age"]["50-64"]  # 300 - 143 - 150 would give the 7 away
+    assert result["subgroups"]["sex"]["F"]["n"] == 150  # nothing suppressed: counts are fine
+    flat = qc.flatten(result)
+    assert [k for k in flat if k.startswith("g/age/80+/")] == ["g/age/80+/suppressed"]
+    counts = [c for c in result["reliability"]["count"] if c is not None]
+    assert all(c >= 10 for c in counts)
+    assert qc.unflatten(flat)["subgroups"] == result["subgroups"]
+
+
+def test_dicom_headers_give_sex_age_and_vendor_groups_and_patients(tmp_path: Path):
+    region = radiology_regions(1)[0]
+    write_radiology_site(tmp_path / region.name, region, n_images=40)
+    site = load_radiology_site(tmp_path / region.name, region.name, image_size=32)
+    test = site.test
+    assert set(test.groups["sex"]) <= {"F", "M"} and set(test.groups["vendor"]) == {region.manufacturer}
+    assert set(test.groups["age"]) <= {"<50", "50-64", "65-79", "80+"} and "" not in test.groups["age"]
+    patients = np.concatenate([site.train.patients, test.patients])
+    assert len(test.patients) == len(test) and len(np.unique(patients)) < len(patients)  # some have both knees
+    assert set(site.train.patients).isdisjoint(test.patients)  # split by patient
+
+
+def _criteria(use_lower_bound=True, margin=0.05):
+    rules = (acceptance.Rule("auc", 0.85, "min"), acceptance.Rule("ece", 0.10, "max"))
+    return acceptance.Criteria("t", "t.toml", "referral", rules, use_lower_bound, margin)
+
+
+def _site(auc, low, high, ece=0.05, ece_high=0.08):
+    return {"status": "ok", "n": 100, "metrics": {"auc": {"value": auc, "low": low, "high": high},
+                                                  "ece": {"value": ece, "low": 0.02, "high": ece_high}}}
+
+
+def test_the_lower_bound_not_the_point_estimate_must_clear_the_bar():
+    site = _site(0.90, 0.83, 0.95)
+    assert acceptance.site_verdict(_criteria(use_lower_bound=False), site)[0] == "PASS"
+    verdict, reasons = acceptance.site_verdict(_criteria(), site)
+    assert verdict == "FAIL" and "auc 95% lower bound 0.83 < 0.85" in reasons
+    assert acceptance.site_verdict(_criteria(), _site(0.95, 0.90, 0.97, ece_high=0.12))[0] == "FAIL"  # upper bound
+    assert acceptance.site_verdict(_criteria(), _site(math.nan, None, None))[0] == "FAIL"
+    assert acceptance.site_verdict(_criteria(), {"status": "failed", "error": "site X: gone"})[0] == "NO RESULT"
+    result = {"sites": {"A": _site(0.95, 0.9, 0.97), "B": _site(0.90, 0.83, 0.95)}}
+    acceptance.apply_verdicts(_criteria(), result)
+    assert result["verdict"] == "FAIL" and result["reasons"][0].startswith("B: FAIL")
+    result = {"sites": {"A": _site(0.95, 0.9, 0.97)}}
+    acceptance.apply_verdicts(_criteria(), result)
+    assert result["verdict"] == "PASS"
+
+
+def test_drift_flags_a_fall_beyond_the_margin_and_a_bar_no_longer_cleared():
+    previous = {"sites": {"Sjælland": _site(0.91, 0.87, 0.95), "Fyn": _site(0.93, 0.88, 0.96)}}
+    now = {"metrics": ["auc", "ece"], "sites": {"Sjælland": _site(0.83, 0.78, 0.88), "Fyn": _site(0.92, 0.86, 0.96)}}
+    flags = acceptance.drift(_criteria(), previous, now)
+    assert "drift at Sjælland: AUC 0.91 → 0.83" in flags
+    assert any(f.startswith("drift at Sjælland: auc 95% lower bound 0.87 → 0.78 no longer clears") for f in flags)
+    assert not any("Fyn" in f for f in flags)  # fell by 0.01: within the margin, still clears the bar
+    assert acceptance.drift(_criteria(), None, now) == []
+
+
+def test_every_shipped_criteria_file_loads_and_bad_ones_are_named(tmp_path: Path):
+    for outcome in ("survival", "response", "referral", "kl-grade"):
+        crit = acceptance.load_criteria("", outcome, tuple(qc.metric_functions(outcome, 0.5)))
+        assert crit.rules and crit.file == f"configs/acceptance/{outcome}.toml"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('outcome = "referral"\n[[rule]]\nmetric = "dice"\nmin = 0.5\n')
+    with pytest.raises(ValueError, match=r"bad.toml: each \[\[rule\]\] needs a metric"):
+        acceptance.load_criteria(str(bad), "referral", ("auc",))
+    with pytest.raises(ValueError, match="is for outcome 'referral', the model predicts 'survival'"):
+        acceptance.load_criteria(str(bad), "survival", ("c_index",))
+    with pytest.raises(ValueError, match="not found"):
+        acceptance.load_criteria(str(tmp_path / "none.toml"), "referral", ("auc",))
