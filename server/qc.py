@@ -218,8 +218,8 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
             "criteria": crit.name, "verdict": result["verdict"], "reasons": result["reasons"],
             "metrics": result["metrics"], "report": str(report), "report_uri": report_uri,
             "drift": result["drift"]["flags"],
-            "sites": {n: {"verdict": s["verdict"], "n": s.get("n"), "metrics": s.get("metrics", {}),
-                          "error": s.get("error")} for n, s in result["sites"].items()},
+            "sites": {n: {"verdict": s["verdict"], "reasons": s["reasons"], "n": s.get("n"),
+                          "metrics": s.get("metrics", {}), "error": s.get("error")} for n, s in result["sites"].items()},
             "cross_site": result["cross_site"],
         }
         ledger.append("run-end", {"verdict": result["verdict"], "mlflow_run_id": tracker.run_id,

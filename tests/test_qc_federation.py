@@ -1,0 +1,147 @@
+"""Federated validation in real Flower simulations with a real MLflow store and registry.
+
+Models under test are trained here, in-process, on the pooled demo data (as a
+vendor would deliver one), saved in fedhosp's model format and, where the test
+needs the registry, registered in the test's MLflow store.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from scipy.stats import bootstrap
+
+from client.data import demo
+from client.data.tabular import Split, load_cohort
+from client.qc import CONFIDENCE, auc
+from client.train import TrainSettings, predict, train_tabular
+from models.registry import build_model, model_hash
+from server import runner
+from server.summary import find_summary
+from server.tracking import _experiment_id, mlflow_name, register_version
+from tests.conftest import APP_DIR
+
+pytestmark = pytest.mark.timeout(900)
+SEED = 42
+
+
+def _fit_response_model(root: Path, sites: list[str], folder: Path, degrade: bool = False) -> Path:
+    """A logistic treatment-response model fitted on the sites' pooled training splits; ``degrade`` flips it."""
+    cohorts = [load_cohort(root / s, s, "response", SEED) for s in sites]
+    train = Split(*(np.concatenate([getattr(c.train, f) for c in cohorts]) for f in ("x", "time", "event", "label")))
+    model = build_model("oncology", "linear", endpoint="response", num_features=len(cohorts[0].features))
+    train_tabular(model, train, "response", TrainSettings(local_epochs=30, batch_size=64, lr=0.02), 1, "pooled")
+    state = {k: (-v if degrade else v) for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "model.pt")
+    spec = {"task": "oncology", "outcome": "response", "model": "linear", "features": cohorts[0].features,
+            "threshold": 0.5, "model_hash": model_hash(state)}
+    (folder / "model.json").write_text(json.dumps(spec))
+    return folder
+
+
+def _register(folder: Path, uri: str, name: str) -> str:
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=_experiment_id(client, uri, "vendor-models")) as run:
+        mlflow.log_artifacts(str(folder), "final_model")
+        version = register_version(client, name, mlflow.get_artifact_uri("final_model"), run.info.run_id)
+    return f"models:/{name}/{version}"
+
+
+def _validate(env, root: Path, uri: str, model_uri: str, sites: int, **extra):
+    config = {"mode": "validate", "model-uri": model_uri, "data-root": str(root), "mlflow-uri": uri,
+              "mlflow-experiment": "qc", "seed": SEED, "bootstrap-samples": 400, "min-nodes": min(sites, 2), **extra}
+    outcome = runner.flwr_run(APP_DIR, env, config, num_supernodes=sites)
+    assert outcome.ok, outcome.log[-4000:]
+    return find_summary(uri, outcome.run_id), outcome
+
+
+def test_single_site_intervals_match_a_direct_bootstrap_on_the_pooled_data(superlink, tmp_path, mlflow_uri):
+    root = tmp_path / "sites"
+    [folder] = demo.write_demo(root, 1, seed=SEED)
+    model_dir = _fit_response_model(root, [folder.name], tmp_path / "model")
+    summary, _ = _validate(superlink, root, mlflow_uri, str(model_dir / "model.pt"), 1, **{"bootstrap-samples": 2000})
+    federated = summary["sites"][folder.name]["metrics"]["auc"]
+
+    # the same figures computed directly on the site's test patients, with SciPy's percentile bootstrap
+    test = load_cohort(folder, folder.name, "response", SEED).test
+    model = build_model("oncology", "linear", endpoint="response", num_features=test.x.shape[1])
+    model.load_state_dict(torch.load(model_dir / "model.pt"))
+    score = 1 / (1 + np.exp(-predict(model, test.x)))
+    assert federated["value"] == pytest.approx(auc(score, test.label), abs=1e-9)
+    ref = bootstrap((score, test.label), lambda s, y: auc(s, y), paired=True, vectorized=False, n_resamples=2000,
+                    confidence_level=CONFIDENCE, method="percentile", random_state=1).confidence_interval
+    assert federated["low"] == pytest.approx(ref.low, abs=0.015)
+    assert federated["high"] == pytest.approx(ref.high, abs=0.015)
+    assert summary["sites"][folder.name]["n"] == len(test)
+
+
+def test_validation_verdicts_report_registry_suppression_and_drift(superlink, tmp_path, mlflow_uri):
+    root = tmp_path / "sites"
+    sites = [f.name for f in demo.write_demo(root, 3, seed=SEED)]
+    good = _register(_fit_response_model(root, sites, tmp_path / "good"), mlflow_uri, "vendor-response")
+    degraded = _fit_response_model(root, sites, tmp_path / "degraded", degrade=True)
+    client = MlflowClient(mlflow_uri)
+    home = Path(superlink["FEDHOSP_HOME"])
+
+    # 1. the model passes at every site, judged by configs/acceptance/response.toml; the registry learns it
+    first, outcome = _validate(superlink, root, mlflow_uri, good, 3)
+    assert first["verdict"] == "PASS", first["reasons"]
+    assert {s: v["verdict"] for s, v in first["sites"].items()} == dict.fromkeys(sites, "PASS")
+    version = client.get_model_version("vendor-response", "1")
+    assert version.tags["fedhosp.validation.verdict"] == "PASS"
+    assert version.tags["fedhosp.validation.run"] == first["mlflow_run_id"]
+    assert version.tags["fedhosp.validation.report"].endswith(".html")
+    report = Path(first["report"]).read_text(encoding="utf-8")
+    assert all(site in report for site in sites) and "PASS" in report
+    assert Path(mlflow.artifacts.download_artifacts(version.tags["fedhosp.validation.report"])).read_text(
+        encoding="utf-8") == report
+
+    # small cells: no figure for a group under min-cell (10) in MLflow, the report or either ledger
+    small = set()
+    for site in sites:
+        groups = load_cohort(root / site, site, "response", SEED).test.groups
+        for attribute, labels in groups.items():
+            small |= {(site, attribute, v) for v in set(labels) if 0 < labels.count(v) < 10}
+    assert small, "the demo should have small subgroups"
+    run = client.get_run(first["mlflow_run_id"])
+    result = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="validation.json", tracking_uri=mlflow_uri)).read_text())
+    coordinator = (home / "ledgers" / f"run-{outcome.run_id}.jsonl").read_text(encoding="utf-8")
+    for site, attribute, value in small:
+        assert result["sites"][site]["subgroups"][attribute][value] == {"suppressed": True}
+        assert not [k for k in run.data.metrics if k.startswith(f"{site}/{attribute} {mlflow_name(value)}/")]
+        section = report.split(f"<h3>{html.escape(site)}</h3>", 1)[1].split("<h3>", 1)[0]
+        cell = f"<td>{html.escape(attribute)}</td><td>{html.escape(value)}</td>"
+        assert f'<tr class="suppressed">{cell}' in section and f"<tr>{cell}" not in section
+        site_ledger = (home / "site-ledgers" / site / f"run-{outcome.run_id}.jsonl").read_text(encoding="utf-8")
+        for text in (coordinator, site_ledger):
+            assert f"g/{attribute}/{value}/suppressed" in text or f'"{value}": {{"suppressed": true}}' in text
+            assert f"g/{attribute}/{value}/m/" not in text and f"g/{attribute}/{value}/n" not in text
+
+    # 2. a degraded copy of the model fails, with the reason per site
+    failed, _ = _validate(superlink, root, mlflow_uri, str(degraded), 3)
+    assert failed["verdict"] == "FAIL"
+    assert all(v["verdict"] == "FAIL" for v in failed["sites"].values())
+    for site in failed["sites"].values():
+        assert any(r.startswith("auc 95% lower bound") and "< 0.60" in r for r in site["reasons"]), site
+
+    # 3. Syddanmark changes its biomarker assay; re-validating the same model flags drift there only
+    region = next(r for r in demo.regions(3, SEED) if r.name == "Syddanmark")
+    demo.write_site(root / "Syddanmark", region, SEED, shift=2.0, overwrite=True)
+    again, _ = _validate(superlink, root, mlflow_uri, good, 3)
+    assert again["drift"], again
+    assert all(flag.startswith("drift at Syddanmark: ") for flag in again["drift"])
+    assert re.search(r"drift at Syddanmark: AUC 0\.\d\d → 0\.\d\d", " ".join(again["drift"]))
+    assert client.get_model_version("vendor-response", "1").tags["fedhosp.validation.drift"].startswith(
+        "drift at Syddanmark")
+    assert "drift at Syddanmark" in Path(again["report"]).read_text(encoding="utf-8")
