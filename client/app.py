@@ -204,12 +204,12 @@ def validate(msg: Message, context: Context) -> Message:
     """Test one model (``"arrays"``) or several (``"model/<label>"``, cross-site) on this site's test split.
 
     Figures for each model are prefixed ``<label>::``; subgroups are computed for
-    the single-model case only (a cross-site matrix shows the main metrics).
+    the model under validation only (the sites' own models appear in the matrix).
     """
     task, site, data = _open(context, msg)
     cfg = msg.content["config"]
     policy = SitePolicy.load(context.node_config.get("policy"), site.name)
-    policy.check_examples(site.name, len(data.test), task.unit)
+    policy.check_examples(site.name, len(data.test), task.unit, "validate on")
     settings = qc.QCSettings(bootstrap=int(cfg["bootstrap-samples"]), min_cell=int(cfg["min-cell"]),
                              threshold=float(cfg["threshold"]), seed=int(cfg["seed"]))
     records = dict(msg.content.array_records)
@@ -218,10 +218,10 @@ def validate(msg: Message, context: Context) -> Message:
     for name, record in sorted(records.items()):
         model = task.build(data)
         model.load_state_dict(record.to_torch_state_dict())
-        single = name == "arrays"
+        subgroups = name in ("arrays", "model/global")  # the model under validation, not the sites' own
         result = qc.validate(task.predictions(model, data),
-                             settings if single else dataclasses.replace(settings, subgroups=False))
-        metrics.update(qc.flatten(result, "" if single else name.removeprefix("model/") + "::"))
+                             settings if subgroups else dataclasses.replace(settings, subgroups=False))
+        metrics.update(qc.flatten(result, "" if name == "arrays" else name.removeprefix("model/") + "::"))
     metrics["validate_seconds"] = time.perf_counter() - started
     metrics["num-examples"] = len(data.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

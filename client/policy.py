@@ -57,9 +57,9 @@ class SitePolicy:
                 raise PolicyRefusal(f"site {site}: policy refuses app {app_hash or 'of unknown hash'} "
                                     "(not in allowed-app-hashes)")
 
-    def check_examples(self, site: str, count: int, unit: str) -> None:
+    def check_examples(self, site: str, count: int, unit: str, work: str = "train on") -> None:
         if count < self.min_examples:
-            raise PolicyRefusal(f"site {site}: policy refuses to train on {count} {unit}; "
+            raise PolicyRefusal(f"site {site}: policy refuses to {work} {count} {unit}; "
                                 f"the minimum is {self.min_examples}")
 
 

@@ -15,7 +15,6 @@ names one) at every site: the matrix shows which sites' models generalise.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ class LoadedModel:
     registry: tuple[str, str] | None  # (name, version) when the model came from the registry
 
 
-def load_model(uri: str, settings: RunSettings) -> LoadedModel:
+def load_model(uri: str, settings: RunSettings, run_config: dict) -> LoadedModel:
     """A fedhosp model: ``model.pt`` (state dict) with ``model.json`` (task, outcome, architecture) beside it."""
     registry = None
     path = Path(uri).expanduser()
@@ -83,7 +82,7 @@ def load_model(uri: str, settings: RunSettings) -> LoadedModel:
     if spec.get("model_hash") and spec["model_hash"] != digest:
         raise FederationError(f"model-uri {uri!r}: model.pt does not match the model_hash in model.json "
                               "(altered or mismatched files)")
-    model = model_settings(settings, spec).build_model(len(spec.get("features") or []))
+    model = model_settings(run_config, spec).build_model(len(spec.get("features") or []))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -92,13 +91,16 @@ def load_model(uri: str, settings: RunSettings) -> LoadedModel:
     return LoadedModel(uri, spec, state, digest, registry)
 
 
-def model_settings(settings: RunSettings, spec: dict) -> RunSettings:
-    """The run settings with the model's own task, outcome and architecture."""
+def model_settings(run_config: dict, spec: dict) -> RunSettings:
+    """The run settings with the model's own task, outcome and architecture (and that task's defaults)."""
     outcome = {"endpoint": spec["outcome"]} if spec["task"] == "oncology" else {"target": spec["outcome"]}
-    changed = dataclasses.replace(settings, task=spec["task"], model=spec["model"],
-                                  image_size=int(spec.get("image_size") or settings.image_size), **outcome)
-    changed.check()
-    return changed
+    keys = {"task": spec["task"], "model": spec["model"], **outcome}
+    if spec.get("image_size"):
+        keys["image-size"] = int(spec["image_size"])
+    try:
+        return RunSettings.from_run_config({**run_config, **keys})
+    except ValueError as exc:
+        raise FederationError(f"model.json describes a model fedhosp cannot build: {exc}") from None
 
 
 def node_config(settings: RunSettings) -> dict:
@@ -151,9 +153,10 @@ def train_local_models(grid: Grid, sites: dict[int, SiteInfo], settings: RunSett
 
 def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: Ledger) -> dict:
     """The whole validate / cross-site run; returns its summary (also logged to MLflow)."""
-    loaded = load_model(settings.model_uri, settings) if settings.model_uri else None
+    run_config = dict(context.run_config)
+    loaded = load_model(settings.model_uri, settings, run_config) if settings.model_uri else None
     if loaded:
-        settings = model_settings(settings, loaded.spec)
+        settings = model_settings(run_config, loaded.spec)
     sites, refused = discover_sites(grid, settings.min_nodes, settings.round_timeout, node_config(settings))
     features = list(next(iter(sites.values())).features)
     if loaded and settings.task == "oncology" and list(loaded.spec.get("features") or []) != features:

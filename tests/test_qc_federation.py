@@ -145,3 +145,48 @@ def test_validation_verdicts_report_registry_suppression_and_drift(superlink, tm
     assert client.get_model_version("vendor-response", "1").tags["fedhosp.validation.drift"].startswith(
         "drift at Syddanmark")
     assert "drift at Syddanmark" in Path(again["report"]).read_text(encoding="utf-8")
+
+
+def test_cross_site_matrix_of_site_models_and_the_global_referral_model(superlink, tmp_path, mlflow_uri):
+    from client.data.dicom import ImageSplit, load_radiology_site
+    from client.data.radiology_demo import write_radiology_demo
+    from client.train import train_images
+
+    root = tmp_path / "sites"
+    sites = [f.name for f in write_radiology_demo(root, 3, seed=SEED, n_images=100)]
+    splits = [load_radiology_site(root / s, s, image_size=32, seed=SEED, target="referral").train for s in sites]
+    pooled = ImageSplit(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]), [])
+    model = build_model("radiology", "small-cnn", target="referral", image_size=32)
+    train_images(model, pooled, TrainSettings(local_epochs=6, batch_size=16, lr=0.003), 1, "pooled")
+    folder = tmp_path / "global"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps({"task": "radiology", "outcome": "referral", "model": "small-cnn",
+                                                   "image_size": 32, "threshold": 0.5}))
+
+    config = {"mode": "cross-site", "model-uri": str(folder), "data-root": str(root), "mlflow-uri": mlflow_uri,
+              "mlflow-experiment": "xs", "seed": SEED, "bootstrap-samples": 200, "num-server-rounds": 1,
+              "local-epochs": 3}
+    outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
+    assert outcome.ok, outcome.log[-4000:]
+    summary = find_summary(mlflow_uri, outcome.run_id)
+    cross = summary["cross_site"]
+    assert cross["metric"] == "auc" and cross["models"] == ["global", *sorted(sites)]
+    assert cross["sites"] == sorted(sites)
+    for model_name in cross["models"]:
+        for site in sites:
+            cell = cross["matrix"][model_name][site]
+            assert 0 <= cell["low"] <= cell["value"] <= cell["high"] <= 1, (model_name, site, cell)
+    # the site table is the global model's, with the referral metrics, and the DICOM headers' subgroups
+    result = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=summary["mlflow_run_id"], artifact_path="validation.json", tracking_uri=mlflow_uri)).read_text())
+    for site in sites:
+        figures = result["sites"][site]
+        assert figures["metrics"]["auc"]["value"] == cross["matrix"]["global"][site]["value"]
+        assert {"sensitivity", "specificity", "ece"} <= set(figures["metrics"])
+        assert set(figures["subgroups"]) == {"age", "sex", "vendor"}
+        assert figures["reliability"]["kind"] == "positive-class"
+    report = Path(summary["report"]).read_text(encoding="utf-8")
+    assert "Cross-site" in report and all(site in report for site in sites)
+    run = MlflowClient(mlflow_uri).get_run(summary["mlflow_run_id"])
+    assert f"cross_site/global/{sites[0]}/auc" in run.data.metrics
