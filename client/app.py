@@ -115,13 +115,24 @@ def _open(context: Context, msg: Message):
 
     The data's fingerprint is left in ``context.state`` for the site ledger.
     """
-    task = task_for(effective_run_config(msg, context), dict(context.node_config))
+    run_config = effective_run_config(msg, context)
+    task = task_for(run_config, dict(context.node_config))
     site = _site(context, task)
-    data = task.load(site)
+    validation = _validating(msg)
+    data = task.load(site, validation=validation)
     context.state[FINGERPRINT] = ConfigRecord({"data-fingerprint": task.fingerprint(site, data)})
-    policy = SitePolicy.load(context.node_config.get("policy"), site.name)
-    policy.check_examples(site.name, len(data.train), task.unit)
+    if not validation:  # a validation checks the test split's size instead
+        SitePolicy.load(context.node_config.get("policy"), site.name).check_examples(site.name, len(data.train),
+                                                                                     task.unit)
     return task, site, data
+
+
+def _validating(msg: Message) -> bool:
+    """The coordinator is only testing a model here (a validation, or a cross-site run's describe/evaluate)."""
+    if msg.metadata.message_type.endswith(".validate"):
+        return True
+    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    return msg.metadata.message_type == "query" and config.get("mode") == "validate"
 
 
 def _site(context: Context, task=None, run_config: dict | None = None) -> Site:

@@ -35,10 +35,10 @@ class OncologyTask:
         demo.write_site(folder, region, self.seed)
         return Site(region.name, folder)
 
-    def load(self, site: Site):
+    def load(self, site: Site, validation: bool = False):
         from client.data.tabular import load_cohort
 
-        return load_cohort(site.folder, site.name, self.endpoint, self.seed)
+        return load_cohort(site.folder, site.name, self.endpoint, self.seed, validation)
 
     def describe(self, data) -> tuple[list[str], dict[str, float]]:
         return list(data.features), {"skipped-rows": sum(data.skipped.values())}
@@ -86,11 +86,11 @@ class RadiologyTask:
         radiology_demo.write_radiology_site(folder, region, self.seed)
         return Site(region.name, folder)
 
-    def load(self, site: Site):
+    def load(self, site: Site, validation: bool = False):
         from client.data.dicom import load_radiology_site
 
         return load_radiology_site(site.folder, site.name, image_size=self.image_size, seed=self.seed,
-                                   target=self.target, cache_dir=self.cache_dir)
+                                   target=self.target, cache_dir=self.cache_dir, validation=validation)
 
     def describe(self, data) -> tuple[list[str], dict[str, float]]:
         return [], {"skipped-rows": sum(data.skipped.values())}

@@ -105,7 +105,7 @@ def model_settings(run_config: dict, spec: dict) -> RunSettings:
 
 def node_config(settings: RunSettings) -> dict:
     """What the nodes need to rebuild the model: names and numbers, never code."""
-    return {"task": settings.task, "endpoint": settings.endpoint, "target": settings.target,
+    return {"mode": settings.mode, "task": settings.task, "endpoint": settings.endpoint, "target": settings.target,
             "model": settings.model, "image-size": settings.image_size}
 
 

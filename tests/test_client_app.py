@@ -151,3 +151,31 @@ def test_densenet121_trains_a_step_and_returns_every_tensor_it_received(knee_dir
     assert not reply.has_error()
     assert list(reply.content["arrays"].keys()) == list(content["arrays"].keys())
     assert reply.content["metrics"]["local_steps"] == 1
+
+
+def _validate_content(endpoint="response", **config) -> RecordDict:
+    net = build_model("oncology", "linear", endpoint=endpoint, num_features=len(demo.FEATURES))
+    cfg = {"task": "oncology", "endpoint": endpoint, "model": "linear", "bootstrap-samples": 50, "min-cell": 10,
+           "threshold": 0.5, "seed": 42, **config}
+    return RecordDict({"arrays": ArrayRecord(net.state_dict()), "config": ConfigRecord(cfg)})
+
+
+def test_a_validation_only_cohort_is_tested_and_only_aggregates_leave(tmp_path):
+    """A hospital may hold a cohort kept only for testing models (every row split=test); identifiers stay."""
+    frame = demo.cohort(demo.REGIONS[3])
+    frame["split"] = "test"
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    frame.to_csv(folder / "cohort.csv", index=False)
+    context = _context(folder, endpoint="response")  # the run config says survival nowhere: the model's spec wins
+    reply = app(_message("evaluate.validate", _validate_content()), context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == len(frame) and metrics["n"] == len(frame)
+    assert {"m/auc/value", "m/auc/low", "m/auc/high", "m/sensitivity/value", "m/ece/value", "rel/count"} <= set(metrics)
+    assert any(k.startswith("g/sex/") for k in metrics) and any(k.startswith("g/age/") for k in metrics)
+    text = repr(dict(metrics))
+    assert not any(pid in text for pid in frame["patient_id"])
+    # training on the same folder is refused: it has no training split
+    with pytest.raises(ValueError, match=r"site Sjælland: too few usable patients \(0 train, 400 test\)"):
+        app(_message(MessageType.TRAIN, _train_content()), _context(folder))

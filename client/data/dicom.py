@@ -134,8 +134,12 @@ def load_radiology_site(
     seed: int = 42,
     target: str = "kl-grade",
     cache_dir: str | Path | None = None,
+    validation: bool = False,
 ) -> RadiologySite:
-    """Read the site folder (through the cache), skip unusable files (counted) and split by patient."""
+    """Read the site folder (through the cache), skip unusable files (counted) and split by patient.
+
+    ``validation``: only testing a model, so ``labels.csv`` may mark every image ``test``.
+    """
     if target not in TARGETS:
         raise ValueError(f"unknown radiology target {target!r}; expected one of {sorted(TARGETS)}")
     scan = _scan(Path(folder), site, image_size, cache_dir)
@@ -143,7 +147,7 @@ def load_radiology_site(
         raise SiteDataError(f"site {site}: no usable images in the site's data folder ({_summary(scan.skipped)})")
     is_test = _test_mask(scan, seed, site)
     n_train, n_test = int((~is_test).sum()), int(is_test.sum())
-    if n_train < 2 or n_test < 1:
+    if (n_train < 2 and not validation) or n_test < 1:
         raise SiteDataError(f"site {site}: too few usable images ({n_train} train, {n_test} test)")
     grades = np.array([image.grade for image in scan.images], dtype=np.int64)
     labels = (grades >= REFERRAL_GRADE).astype(np.int64) if target == "referral" else grades

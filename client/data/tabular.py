@@ -61,7 +61,8 @@ class SiteCohort:
     std: np.ndarray | None = None
 
 
-def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int = 42) -> SiteCohort:
+def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int = 42,
+                validation: bool = False) -> SiteCohort:
     """Read ``folder/cohort.csv``, skip unusable rows (counted), split and standardise."""
     path = Path(folder) / COHORT_FILE
     if not path.is_file():
@@ -72,11 +73,17 @@ def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int =
     except Exception as exc:  # pandas' messages can quote file content
         log.error("site %s: cannot parse %s (%s)", site, path, type(exc).__name__)
         raise SiteDataError(f"site {site}: {COHORT_FILE} cannot be parsed as CSV ({type(exc).__name__})") from None
-    return prepare_cohort(frame, site, endpoint, seed)
+    return prepare_cohort(frame, site, endpoint, seed, validation)
 
 
-def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", seed: int = 42) -> SiteCohort:
-    """Check the contract on an in-memory cohort; see :func:`load_cohort`."""
+def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", seed: int = 42,
+                   validation: bool = False) -> SiteCohort:
+    """Check the contract on an in-memory cohort; see :func:`load_cohort`.
+
+    ``validation``: the cohort is only used to test a model, so a ``split``
+    column may mark every patient ``test`` (a held-out validation cohort); the
+    features are then standardised with that cohort's own statistics.
+    """
     frame.columns = [str(c).strip() for c in frame.columns]
     for column in ("time", "event") + (("label",) if endpoint == "response" else ()):
         if column not in frame.columns:
@@ -116,16 +123,17 @@ def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", s
     else:
         is_test = _stratified_test_mask(strata, seed, site)
     n_train, n_test = int((~is_test).sum()), int(is_test.sum())
-    if n_train < 2 or n_test < 1:
+    if (n_train < 2 and not validation) or n_test < 1:
         raise SiteDataError(
             f"site {site}: too few usable patients ({n_train} train, {n_test} test) after skipping invalid rows"
         )
-    if endpoint == "survival" and int(event[keep][~is_test].sum()) == 0:
+    if endpoint == "survival" and int(event[keep][~is_test].sum()) == 0 and not validation:
         raise SiteDataError(f"site {site}: no events in the training split; a Cox model cannot learn from it")
 
     x = data[features].to_numpy(dtype=np.float64)
-    mean = x[~is_test].mean(axis=0)
-    std = x[~is_test].std(axis=0)
+    reference = x[~is_test] if n_train >= 2 else x  # a validation-only cohort: its own statistics
+    mean = reference.mean(axis=0)
+    std = reference.std(axis=0)
     std[std == 0] = 1.0
     x = ((x - mean) / std).astype(np.float32)
     t = time[keep].to_numpy(dtype=np.float64)
