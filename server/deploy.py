@@ -10,6 +10,8 @@ way out, also on failure or Ctrl-C. The flags are the ones in ``compose/``.
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import socket
 import ssl
@@ -49,6 +51,26 @@ def supernode_command(ca: Path | None, superlink: str, key: Path | None, node_co
         auth += ["--auth-supernode-private-key", str(key)]
     return ["flower-supernode", *auth, "--superlink", superlink, "--node-config", node_config,
             "--host", "127.0.0.1", "--port", str(port)]
+
+
+def database_name(workdir: Path) -> str:
+    """One PostgreSQL database per deployment folder: two deployments never share a store (nor do tests)."""
+    digest = hashlib.sha256(str(Path(workdir).resolve()).encode()).hexdigest()[:10]
+    return f"fedhosp_{workdir.name.replace('-', '_')}"[:48].lower() + f"_{digest}"
+
+
+def drop_database(backend: str) -> None:
+    """Remove a deployment's PostgreSQL database (tests clean up after themselves); SQLite stores are files."""
+    if not backend.startswith("postgresql"):
+        return
+    import psycopg2
+
+    database = backend.rsplit("/", 1)[1]
+    conn = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=3)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    conn.close()
 
 
 def mlflow_backend(workdir: Path, database: str = "fedhosp_mlflow") -> str:
@@ -160,7 +182,7 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
         # --- coordinator: MLflow server beside it, then the SuperLink -------------------------
         coordinator = site_env(base, workdir / "coordinator")
         mlflow_port = free_port()
-        backend = mlflow_backend(workdir, database=f"fedhosp_{workdir.name.replace('-', '_')}"[:60].lower())
+        backend = mlflow_backend(workdir, database=database_name(workdir))
         log = workdir / "logs" / "mlflow.log"
         proc = processes.start("mlflow", [
             "mlflow", "server", "--backend-store-uri", backend,

@@ -18,7 +18,8 @@ from client.data import demo
 from client.ledger import read_records
 from server import runner
 from server.credentials import make_node_key, make_tls
-from server.deploy import deploy_local, free_port, run_on, site_env, superlink_command, supernode_command
+from server.deploy import (deploy_local, drop_database, free_port, run_on, site_env, superlink_command,
+                           supernode_command)
 from tests.conftest import APP_DIR
 
 pytestmark = pytest.mark.timeout(900)
@@ -55,10 +56,26 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
         assert client.get_metric_history(run.info.run_id, "Syddanmark/failed")[-1].value == 1.0
         assert "Stranger" not in run.data.tags["fedhosp.sites"] and "Impostor" not in run.data.tags["fedhosp.sites"]
 
+        # validating the registered model on the nodes (each message in a fresh process, weights and spec from the
+        # MLflow server): the refusing hospital gets NO RESULT, so the model cannot pass everywhere
+        [version] = client.search_model_versions("name = 'fedhosp-oncology-survival'")
+        uri = f"models:/fedhosp-oncology-survival/{version.version}"
+        checked = run_on(d, APP_DIR, {"mode": "validate", "model-uri": uri, "bootstrap-samples": 100})
+        assert checked.ok, checked.log[-3000:]
+        tags = client.get_model_version("fedhosp-oncology-survival", version.version).tags
+        assert tags["fedhosp.validation.verdict"] == "FAIL"
+        assert tags["fedhosp.validation.sites"] == "Hovedstaden=PASS,Midtjylland=PASS,Syddanmark=NO RESULT"
+        assert tags["fedhosp.validation.report"].startswith("mlflow-artifacts:")
+        report = Path(mlflow.artifacts.download_artifacts(tags["fedhosp.validation.report"])).read_text(encoding="utf-8")
+        assert "site Syddanmark: policy refuses task &#39;oncology&#39;" in report and "Hovedstaden" in report
+
     # MLflow's backend store really is PostgreSQL
-    with psycopg2.connect(d.backend.replace("+psycopg2", "")) as conn, conn.cursor() as cur:
+    conn = psycopg2.connect(d.backend.replace("+psycopg2", ""))
+    with conn, conn.cursor() as cur:
         cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
         assert cur.fetchone() == ("FINISHED",)
+    conn.close()
+    drop_database(d.backend)
     # what was refused is in both ledgers, with the reason and no data
     coordinator = read_records(d.workdir / "coordinator" / "ledgers" / f"run-{outcome.run_id}.jsonl")
     refusals = [r["data"] for r in coordinator if r["event"] == "update-failed"]
@@ -164,6 +181,7 @@ def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it
         outcome = result["run"]
         assert outcome.ok, outcome.log[-3000:]
         records = events()
+    drop_database(d.backend)
     failed = [(r["data"]["round"], r["data"]["site"]) for r in records if r["event"] == "update-failed"]
     assert failed and {site for _, site in failed} == {victim}  # the round it died in, and while it was away
     updates = {(r["data"]["round"], r["data"]["site"]) for r in records if r["event"] == "update"}

@@ -133,3 +133,59 @@ def test_every_shipped_criteria_file_loads_and_bad_ones_are_named(tmp_path: Path
         acceptance.load_criteria(str(bad), "survival", ("c_index",))
     with pytest.raises(ValueError, match="not found"):
         acceptance.load_criteria(str(tmp_path / "none.toml"), "referral", ("auc",))
+
+
+def test_a_model_that_cannot_be_used_is_refused_with_the_reason(tmp_path: Path):
+    import json
+
+    import torch
+
+    from models.registry import build_model, model_hash
+    from server.qc import load_model
+    from server.settings import RunSettings
+    from server.sites import FederationError
+
+    settings = RunSettings()
+    folder = tmp_path / "vendor"
+    folder.mkdir()
+    with pytest.raises(FederationError, match="no such file or folder"):
+        load_model(str(tmp_path / "nowhere"), settings, {})
+    state = build_model("oncology", "linear", endpoint="response", num_features=6).state_dict()
+    torch.save(state, folder / "model.pt")
+    with pytest.raises(FederationError, match="model.json is missing"):
+        load_model(str(folder), settings, {})
+    spec = {"task": "oncology", "outcome": "response", "model": "linear", "features": list("abcdef")}
+    (folder / "model.json").write_text(json.dumps({**spec, "model_hash": "0" * 64}))
+    with pytest.raises(FederationError, match="does not match the model_hash"):
+        load_model(str(folder / "model.pt"), settings, {})
+    (folder / "model.json").write_text(json.dumps({**spec, "features": list("abc")}))
+    with pytest.raises(FederationError, match="the weights do not fit a linear model for oncology/response"):
+        load_model(str(folder), settings, {})
+    (folder / "model.json").write_text(json.dumps({**spec, "model": "transformer"}))
+    with pytest.raises(FederationError, match="cannot build"):
+        load_model(str(folder), settings, {})
+    (folder / "model.json").write_text(json.dumps({**spec, "model_hash": model_hash(state)}))
+    loaded = load_model(str(folder), settings, {"batch-size": 32})
+    assert loaded.hash == model_hash(state) and loaded.registry is None
+
+
+def test_the_printout_shows_the_verdict_intervals_and_report():
+    from rich.console import Console
+
+    from server.summary import print_summary
+
+    summary = {"mode": "validate", "flwr_run_id": 7, "model_uri": "models:/m/2", "task": "radiology",
+               "outcome": "referral", "criteria": "knee-referral", "metrics": ["auc"], "verdict": "FAIL",
+               "reasons": ["Sjælland: FAIL (auc 95% lower bound 0.78 < 0.85)"], "drift": ["drift at Sjælland: AUC 0.91 → 0.83"],
+               "report": "/r/validate-flwr-7.html", "mlflow_run_id": "abc", "experiment": "fedhosp",
+               "tracking_uri": "sqlite:///x.db", "registered_model": "models:/m/2", "cross_site": None,
+               "sites": {"Sjælland": {"verdict": "FAIL", "n": 40, "error": None,
+                                      "metrics": {"auc": {"value": 0.83, "low": 0.78, "high": 0.88}}},
+                         "Fyn": {"verdict": "NO RESULT", "n": None, "error": "site Fyn: no reply within 60s",
+                                 "metrics": {}}}}
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    text = console.export_text()
+    assert "0.83 (0.78–0.88)" in text and "NO RESULT site Fyn: no reply within 60s" in text
+    assert "Verdict         : FAIL" in text and "drift at Sjælland: AUC 0.91 → 0.83" in text
+    assert "/r/validate-flwr-7.html" in text and "fedhosp.validation.verdict=FAIL" in text
