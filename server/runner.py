@@ -227,6 +227,10 @@ def submit(command: list[str], env: dict[str, str], connection_name: str, cwd: P
         if status.startswith("finished"):
             break
         time.sleep(1.0)
+    if status != "finished:completed":  # the stream can end before the last lines arrive: read the stored log
+        shown = subprocess.run(["flwr", "log", str(run_id), connection_name, "--show"], env=env, capture_output=True,
+                               text=True, check=False, timeout=120).stdout
+        text += "\n" + shown
     return RunOutcome(run_id, status, text)
 
 

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Rich sizes its console from COLUMNS when it is created (at import): without a terminal (CI, xdist workers)
+# it would wrap the CLI's tables at 80 columns, which some tests read.
+os.environ.setdefault("COLUMNS", "200")
+
 from server import runner
 from server.deploy import free_port
 
@@ -50,3 +54,20 @@ def mlflow_uri(tmp_path: Path) -> str:
 def _own_fedhosp_home(tmp_path, monkeypatch):
     """Nothing a test does lands in the user's ~/.fedhosp (demo data, caches, ledgers, keys)."""
     monkeypatch.setenv("FEDHOSP_HOME", str(tmp_path / "fedhosp-home"))
+
+
+# Heaviest first (seconds measured serially), so that two xdist workers share the long federations
+# evenly and the quick unit tests fill the gaps at the end; every worker collects the same order.
+WEIGHTS = {
+    "test_a_supernode_killed": 180, "test_tls_node_auth": 170, "test_a_killed_coordinator": 165,
+    "test_validation_verdicts_report": 110, "test_poisoned_updates": 65, "test_main_job_recovers": 55,
+    "test_radiology_simulation": 55, "test_cross_site_matrix": 50, "test_single_site_intervals": 45,
+    "test_three_round_simulation": 40, "test_bad_site_data": 35, "test_response_endpoint": 35,
+}
+
+
+def pytest_collection_modifyitems(items):
+    def weight(item) -> int:
+        return next((w for prefix, w in WEIGHTS.items() if item.name.startswith(prefix)), 0)
+
+    items.sort(key=weight, reverse=True)

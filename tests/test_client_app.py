@@ -179,3 +179,15 @@ def test_a_validation_only_cohort_is_tested_and_only_aggregates_leave(tmp_path):
     # training on the same folder is refused: it has no training split
     with pytest.raises(ValueError, match=r"site Sjælland: too few usable patients \(0 train, 400 test\)"):
         app(_message(MessageType.TRAIN, _train_content()), _context(folder))
+
+
+def test_a_data_root_that_does_not_match_the_federation_is_named_with_the_fix(tmp_path):
+    """A simulation node maps its partition to a folder of data-root; a count mismatch must not pick wrong sites."""
+    demo.write_demo(tmp_path / "sites", 3)
+    (tmp_path / "sites" / "Zealand-copy").mkdir()
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={**RUN_CONFIG, "data-root": str(tmp_path / "sites")})
+    query = _message(MessageType.QUERY, RecordDict({"config": ConfigRecord({"request": "describe"})}))
+    with pytest.raises(ValueError, match="data-root holds 4 site folders but the federation has 3 nodes; "
+                                         'run with --federation-config "num-supernodes=4"'):
+        app(query, context)

@@ -164,7 +164,7 @@ def test_cross_site_matrix_of_site_models_and_the_global_referral_model(superlin
     splits = [load_radiology_site(root / s, s, image_size=32, seed=SEED, target="referral").train for s in sites]
     pooled = ImageSplit(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]), [])
     model = build_model("radiology", "small-cnn", target="referral", image_size=32)
-    train_images(model, pooled, TrainSettings(local_epochs=6, batch_size=16, lr=0.003), 1, "pooled")
+    train_images(model, pooled, TrainSettings(local_epochs=6, batch_size=16, lr=0.003), 1, "pooled", augment=False)
     folder = tmp_path / "global"
     folder.mkdir()
     torch.save(model.state_dict(), folder / "model.pt")
@@ -173,7 +173,7 @@ def test_cross_site_matrix_of_site_models_and_the_global_referral_model(superlin
 
     config = {"mode": "cross-site", "model-uri": str(folder), "data-root": str(root), "mlflow-uri": mlflow_uri,
               "mlflow-experiment": "xs", "seed": SEED, "bootstrap-samples": 200, "num-server-rounds": 1,
-              "local-epochs": 3}
+              "local-epochs": 2}
     outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
     assert outcome.ok, outcome.log[-4000:]
     summary = find_summary(mlflow_uri, outcome.run_id)
