@@ -247,11 +247,13 @@ def _result(settings: RunSettings, loaded: LoadedModel | None, crit: acceptance.
     labels = ["global" if name == "model/global" else name.removeprefix("model/") for name in records if name != "arrays"]
     per_model: dict[str, dict[str, dict]] = {label: {} for label in labels}
     sites: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
     for name in names:
         if name in replies:
             flat = dict(replies[name].content["metrics"])
             if "arrays" in records:
                 sites[name] = {"status": "ok", "error": None, **qc.unflatten(flat)}
+            seconds[name] = float(flat.get("validate_seconds", float("nan")))
             for label in labels:
                 if f"{label}::n" in flat:
                     per_model[label][name] = qc.unflatten(flat, f"{label}::")
@@ -266,6 +268,8 @@ def _result(settings: RunSettings, loaded: LoadedModel | None, crit: acceptance.
             error = failed_training.get(name) if not loaded else None
             sites[name] = ({"status": "ok", "error": None, **figures} if figures else
                            {"status": "failed", "error": error or "no result for this site"})
+    for name, value in seconds.items():
+        sites[name]["seconds"] = value  # the site's compute for all models and resamples
     cross = None
     if settings.mode == "cross-site":
         primary = qc.PRIMARY[settings.outcome]

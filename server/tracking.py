@@ -322,6 +322,8 @@ class ValidationTracker:
             if site.get("status") != "ok":
                 continue
             metrics[f"{mlflow_name(name)}/num_test"] = float(site["n"])
+            if math.isfinite(site.get("seconds", float("nan"))):
+                metrics[f"{mlflow_name(name)}/validate_seconds"] = site["seconds"]
             for metric, figure in site["metrics"].items():
                 put(f"{name}/{metric}", figure)
             for attribute, groups in site.get("subgroups", {}).items():
