@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
+from client.data.tabular import AGE_BANDS
 from models.oncology import concordance_index
 
+AGE_ORDER = {name: k for k, (_, _, name) in enumerate(AGE_BANDS)}
 CONFIDENCE = 0.95
 BINS = 10
 # The metric a cross-site matrix shows, per outcome.
@@ -181,7 +183,7 @@ def validate(pred: Predictions, cfg: QCSettings) -> dict:
         result["subgroups"] = {}
         for attribute, labels in sorted(pred.groups.items()):
             labels = np.asarray(labels, dtype=object)
-            values = sorted({str(v) for v in labels if v})
+            values = sorted({str(v) for v in labels if v}, key=_group_order)
             if not values:
                 continue
             sizes = {v: int((labels == v).sum()) for v in values}
@@ -268,8 +270,9 @@ def unflatten(flat: dict, prefix: str = "") -> dict:
                     group["n"] = int(value)
                 elif parts[3] == "m":
                     group.setdefault("metrics", {}).setdefault(parts[4], {})[parts[5]] = number(value)
-    if subgroups:
-        result["subgroups"] = subgroups
+    if subgroups:  # the wire does not keep order: attributes by name, groups in band order
+        result["subgroups"] = {attribute: {v: groups[v] for v in sorted(groups, key=_group_order)}
+                               for attribute, groups in sorted(subgroups.items())}
     if f"{prefix}rel/count" in flat:
         result["reliability"] = {
             "kind": "top-label" if flat.get(f"{prefix}rel/top-label") else "positive-class",
@@ -277,6 +280,10 @@ def unflatten(flat: dict, prefix: str = "") -> dict:
                for part in ("edges", "count", "mean_predicted", "observed")},
         }
     return result
+
+
+def _group_order(value: str) -> tuple[int, str]:
+    return AGE_ORDER.get(value, len(AGE_ORDER)), value
 
 
 def _safe_key(text: str) -> str:

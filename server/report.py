@@ -288,7 +288,7 @@ td.diag{background:#fff5cc;font-weight:bold} tr.suppressed td{color:#888;font-st
 <p class="muted">Observed outcome against predicted probability per bin; the diagonal is perfect calibration, numbers are cases per bin. Bins with fewer than {{ min_cell }} cases are suppressed (grey band, no numbers).</p>
 <div class="plots">{% for s in sites if s.reliability %}<img alt="reliability diagram for {{ s.name }}" src="{{ s.reliability }}">{% endfor %}</div>{% endif %}
 {% if sites | selectattr("groups") | list %}<h2>Subgroups</h2>
-<p>Groups with fewer than {{ min_cell }} cases are suppressed.</p>
+<p>Groups with fewer than {{ min_cell }} cases are suppressed. Where an attribute has a suppressed (or unknown) group, the other groups' counts are withheld too, so that no suppressed count can be recovered by subtraction.</p>
 {% for s in sites if s.groups %}<h3>{{ s.name }}</h3>
 <table><tr><th>Attribute</th><th>Group</th><th>n</th>{% for m in metrics %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for g in s.groups %}{% if g.suppressed %}<tr class="suppressed"><td>{{ g.attribute }}</td><td>{{ g.group }}</td><td colspan="{{ metrics | length + 1 }}">suppressed</td></tr>
