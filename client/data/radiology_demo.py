@@ -503,15 +503,18 @@ def write_radiology_site(
 
     A folder that already has ``labels.csv`` is complete and left alone, so
     concurrent or repeated writers are safe. ``scanner_shift`` > 0 simulates a
-    new detector at the site (more noise, a different response curve, a softer
-    image): write it into an empty folder to re-validate a model after the change.
+    new detector at the site (more noise, a different response curve, and pixel
+    spacing that no longer corrects for magnification, so anatomy is resampled
+    at the wrong scale): write it into an empty folder to re-validate a model
+    after the change.
     """
     folder = Path(folder)
     target = folder / LABELS_FILE
     if target.exists():
         return target
-    if scanner_shift > 0:
-        region = replace(region, noise=region.noise * (1 + 6 * scanner_shift), gamma=region.gamma * (1 + scanner_shift))
+    if scanner_shift > 0:  # noisier, another response curve, and magnification left uncorrected in PixelSpacing
+        region = replace(region, noise=region.noise * (1 + 6 * scanner_shift), gamma=region.gamma * (1 + scanner_shift),
+                         spacing=tuple(s * (1 + 0.25 * scanner_shift) for s in region.spacing))
     count = region.n_images if n_images is None else n_images
     knees = _cohort(region, count + (2 if region.broken else 0), seed)
     labelled = knees[:count]
