@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -64,9 +65,12 @@ def rows(records: list[dict]) -> list[dict]:
             "seq": r["seq"], "time": r["time"], "event": r["event"], "round": d.get("round"), "site": d.get("site"),
             "num_examples": d.get("num_examples", sent.get("num_examples")),
             "model_hash": d.get("update_hash") or sent.get("update_hash") or d.get("global_model_hash")
-            or received.get("model_hash") or d.get("final_model_hash") or d.get("initial_model_hash"),
+            or received.get("model_hash") or d.get("final_model_hash") or d.get("initial_model_hash")
+            or d.get("model_hash"),
             "metrics": d.get("metrics", sent.get("metrics")),
             "detail": d.get("reason") or (", ".join(d["sites"]) if isinstance(d.get("sites"), list) else "")
+            or (d.get("verdict") and f"{d['verdict']}: " + ", ".join(
+                f"{site}={v.get('verdict')}" for site, v in (d.get("sites") or {}).items()))
             or (d.get("data_fingerprint") and f"data {d['data_fingerprint'][:12]}") or "",
             "hash": r["hash"],
         })
@@ -130,13 +134,54 @@ def reconcile_ledgers(coordinator: list[dict], sites: list[list[dict]]) -> list[
     return problems
 
 
+def _same(a, b) -> bool:
+    """Equal figures; an undefined one (NaN, which ledgers write as "nan") equals another undefined one."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+    def undefined(v) -> bool:
+        return v == "nan" or (isinstance(v, float) and math.isnan(v))
+
+    return (undefined(a) and undefined(b)) or a == b
+
+
+def reconcile_validation(coordinator: list[dict], sites: list[list[dict]]) -> list[str]:
+    """A validation: the figures each site says it sent are exactly those the coordinator recorded."""
+    from client.qc import flatten
+
+    start = next((r["data"] for r in coordinator if r["event"] == "run-start"), {})
+    result = next((r["data"] for r in coordinator if r["event"] == "validation-result"), None)
+    if result is None or start.get("mode") != "validate":
+        return []
+    problems, covered, sent = [], set(), {}
+    for site_records in sites:
+        covered.add(next((r["data"].get("site") for r in site_records if r["event"] == "ledger-open"), None))
+        sent.update({r["data"]["site"]: r["data"]["sent"] for r in site_records if r["event"] == "evaluate-validate"})
+    for site, figures in sorted(sent.items()):
+        recorded = result["sites"].get(site) or {}
+        if recorded.get("status") != "ok":
+            problems.append(f"{site}: the site sent validation figures but the coordinator recorded none")
+            continue
+        expected = flatten({k: v for k, v in recorded.items() if v is not None})
+        got = {k: v for k, v in (figures.get("metrics") or {}).items() if k != "validate_seconds"}
+        differ = sorted(k for k in set(expected) | set(got) if not _same(expected.get(k), got.get(k)))
+        if differ:
+            problems.append(f"{site}: the validation figures the site sent differ from the coordinator's record "
+                            f"in {len(differ)} entries ({', '.join(differ[:4])})")
+    for site, recorded in sorted(result["sites"].items()):
+        if site in covered and recorded.get("status") == "ok" and site not in sent:
+            problems.append(f"{site}: the coordinator recorded validation figures that the site never sent")
+    return problems
+
+
 @audit_app.command()
 def reconcile(
     coordinator_ledger: Path = typer.Argument(..., exists=True, dir_okay=False),
     site_ledgers: list[Path] = typer.Argument(..., exists=True, dir_okay=False),
 ) -> None:
     """Every update a site says it sent matches the coordinator's record, and vice versa. Exit 1 on any mismatch."""
-    problems = reconcile_ledgers(read_records(coordinator_ledger), [read_records(p) for p in site_ledgers])
+    coordinator, sites = read_records(coordinator_ledger), [read_records(p) for p in site_ledgers]
+    problems = reconcile_ledgers(coordinator, sites) + reconcile_validation(coordinator, sites)
     if problems:
         console.print(f"[red bold]MISMATCH[/]: {len(problems)} problem(s)")
         for line in problems:

@@ -203,7 +203,8 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
             report = write_report(result, fedhosp_home() / "reports" / f"{settings.mode}-flwr-{context.run_id}.html")
             ledger.append("validation-result", {
                 "verdict": result["verdict"], "reasons": result["reasons"], "drift": result["drift"]["flags"],
-                "sites": {n: {k: s.get(k) for k in ("status", "error", "n", "metrics", "subgroups", "verdict")}
+                "sites": {n: {k: s.get(k) for k in ("status", "error", "n", "metrics", "subgroups", "reliability",
+                                                    "verdict")}
                           for n, s in result["sites"].items()},
                 "cross_site": result["cross_site"], "report_sha256": _sha256(report)})
             report_uri = tracker.log(result, report)

@@ -141,6 +141,19 @@ def test_validation_verdicts_report_registry_suppression_and_drift(superlink, tm
             assert f"g/{attribute}/{value}/suppressed" in text or f'"{value}": {{"suppressed": true}}' in text
             assert f"g/{attribute}/{value}/m/" not in text and f"g/{attribute}/{value}/n" not in text
 
+    # what each site says it sent is exactly what the coordinator recorded (the auditor's reconcile)
+    from client.ledger import read_records
+    from server.audit import reconcile_validation
+
+    records = read_records(home / "ledgers" / f"run-{outcome.run_id}.jsonl")
+    site_records = [read_records(home / "site-ledgers" / s / f"run-{outcome.run_id}.jsonl") for s in sites]
+    assert reconcile_validation(records, site_records) == []
+    result_record = next(r for r in records if r["event"] == "validation-result")
+    result_record["data"]["sites"]["Midtjylland"]["metrics"]["auc"]["value"] += 0.05  # a coordinator that lied
+    assert reconcile_validation(records, site_records) == [
+        "Midtjylland: the validation figures the site sent differ from the coordinator's record in 1 entries "
+        "(m/auc/value)"]
+
     # 2. Syddanmark changes its biomarker assay; re-validating the same model flags drift there only
     region = next(r for r in demo.regions(3, SEED) if r.name == "Syddanmark")
     demo.write_site(root / "Syddanmark", region, SEED, shift=2.0, overwrite=True)
