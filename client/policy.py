@@ -9,7 +9,7 @@ as :class:`PolicyRefusal`; its text names the site and the rule, never data.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from client.data.tabular import SiteDataError

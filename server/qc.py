@@ -16,6 +16,7 @@ names one) at every site: the matrix shows which sites' models generalise.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from dataclasses import dataclass
 from logging import INFO
@@ -235,8 +236,6 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
