@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
@@ -37,6 +36,7 @@ from server.report import write_report
 from server.settings import RunSettings
 from server.sites import FederationError, SiteInfo, discover_sites, reason_text
 from server.tracking import ValidationTracker, download_model, tracking_uri
+from server.validation import structural_problem
 
 VALIDATE = f"{MessageType.EVALUATE}.validate"
 
@@ -48,6 +48,10 @@ class LoadedModel:
     state: dict[str, torch.Tensor]
     hash: str
     registry: tuple[str, str] | None  # (name, version) when the model came from the registry
+
+    @property
+    def registered(self) -> str | None:
+        return f"models:/{self.registry[0]}/{self.registry[1]}" if self.registry else None
 
 
 def load_model(uri: str, settings: RunSettings, run_config: dict) -> LoadedModel:
@@ -137,23 +141,34 @@ def train_local_models(grid: Grid, sites: dict[int, SiteInfo], settings: RunSett
     content = {node: RecordDict({"arrays": ArrayRecord(initial), "config": config}) for node in sites}
     replies, failed = _send(grid, sites, content, MessageType.TRAIN, settings.round_timeout)
     models = {}
-    reference = {k: v.shape for k, v in initial.items()}
+    reference = {k: v.numpy() for k, v in initial.items()}
     for name, reply in replies.items():
-        arrays = reply.content["arrays"]
-        shapes = {k: tuple(a.shape) for k, a in arrays.items()}
-        if shapes != {k: tuple(s) for k, s in reference.items()}:
-            failed[name] = f"site {name}: its local model does not have the model's layers and shapes"
-        elif not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
-            failed[name] = f"site {name}: its local model has non-finite weights"
+        problem = structural_problem(reply, reference)  # the same check as a training round's updates
+        if problem:
+            failed[name] = f"site {name}: its local model was rejected: {problem}"
         else:
-            models[name] = arrays
+            models[name] = reply.content["arrays"]
     ledger.append("local-models", {"received": {n: model_hash({k: a.numpy() for k, a in m.items()})
                                                 for n, m in models.items()}, "failed": failed})
     return models, failed
 
 
 def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: Ledger) -> dict:
-    """The whole validate / cross-site run; returns its summary (also logged to MLflow)."""
+    """The whole validate / cross-site run; returns its summary (also logged to MLflow).
+
+    Any failure is recorded in the ledger as ``run-failed`` with its reason: before
+    the MLflow run is opened here, after it inside the tracker (which then logs the ledger).
+    """
+    try:
+        prepared = _prepare(grid, context, settings, ledger)
+    except Exception as exc:
+        ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
+        raise
+    return _evaluate(grid, context, ledger, *prepared)
+
+
+def _prepare(grid: Grid, context: Context, settings: RunSettings, ledger: Ledger):
+    """The model, the sites, the criteria; the run-start record."""
     run_config = dict(context.run_config)
     loaded = load_model(settings.model_uri, settings, run_config) if settings.model_uri else None
     if loaded:
@@ -177,7 +192,14 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
     names = sorted(s.name for s in sites.values())
     log(INFO, "fedhosp: %s of %s at %d sites: %s", settings.mode, settings.model_uri or "site models", len(sites),
         ", ".join(names))
+    return settings, loaded, sites, refused, features, crit, threshold, functions
 
+
+def _evaluate(grid: Grid, context: Context, ledger: Ledger, settings: RunSettings, loaded: LoadedModel | None,
+              sites: dict[int, SiteInfo], refused: dict, features: list[str], crit: acceptance.Criteria,
+              threshold: float, functions: tuple[str, ...]) -> dict:
+    """Train the site models (cross-site), send the models out, judge, report, track."""
+    outcome = settings.outcome
     with ValidationTracker(settings, context.run_id, loaded.hash if loaded else "", settings.model_uri,
                            ledger) as tracker:
         try:
@@ -211,7 +233,7 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
             report_uri = tracker.log(result, report)
             if loaded and loaded.registry and settings.mode == "validate":
                 tracker.tag_version(loaded.registry, result, report_uri, report)
-        except Exception as exc:
+        except Exception as exc:  # MLflow gets the ledger with the failure in it
             ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
             tracker.log_ledger()
             raise
@@ -219,7 +241,7 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
             "mode": settings.mode, "flwr_run_id": context.run_id, "mlflow_run_id": tracker.run_id,
             "tracking_uri": tracker.uri, "experiment": settings.mlflow_experiment, "task": settings.task,
             "outcome": outcome, "model_uri": settings.model_uri, "model_hash": loaded.hash if loaded else None,
-            "registered_model": f"models:/{loaded.registry[0]}/{loaded.registry[1]}" if loaded and loaded.registry else None,
+            "registered_model": loaded.registered if loaded else None,
             "criteria": crit.name, "verdict": result["verdict"], "reasons": result["reasons"],
             "metrics": result["metrics"], "report": str(report), "report_uri": report_uri,
             "drift": result["drift"]["flags"],
@@ -285,7 +307,7 @@ def _result(settings: RunSettings, loaded: LoadedModel | None, crit: acceptance.
         "flwr_run_id": flwr_run_id, "mlflow_run_id": mlflow_run_id,
         "model": {"uri": settings.model_uri, "hash": loaded.hash if loaded else None, "task": settings.task,
                   "outcome": settings.outcome, "model": settings.model, "threshold": threshold,
-                  "registered": f"models:/{loaded.registry[0]}/{loaded.registry[1]}" if loaded and loaded.registry else None},
+                  "registered": loaded.registered if loaded else None},
         "criteria": crit.as_dict(), "min_cell": settings.min_cell, "bootstrap_samples": settings.bootstrap_samples,
         "confidence": qc.CONFIDENCE, "metrics": list(functions), "sites": sites, "cross_site": cross,
     }

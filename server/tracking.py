@@ -64,7 +64,27 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-class Tracker:
+class _OpenRun:
+    """What every fedhosp MLflow run does: close as FAILED on an exception (never looking finished),
+    carry the ledger as it stands and the summary ``fedhosp run`` prints."""
+
+    ledger: Ledger
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            mlflow.set_tag("fedhosp.error", f"{exc_type.__name__}: {exc}"[:5000])
+        mlflow.end_run("FAILED" if exc is not None else "FINISHED")
+
+    def log_ledger(self) -> None:
+        """The ledger as it stands as ``audit/ledger.jsonl``; its head hash as a tag."""
+        mlflow.log_text(self.ledger.path.read_text(encoding="utf-8"), "audit/ledger.jsonl")
+        mlflow.set_tag(LEDGER_HEAD_TAG, self.ledger.head)
+
+    def log_summary(self, summary: dict) -> None:
+        mlflow.log_dict(summary, "summary.json")
+
+
+class Tracker(_OpenRun):
     """Context manager around one MLflow run."""
 
     def __init__(self, settings: RunSettings, flwr_run_id: int, sites: dict[int, SiteInfo], ledger: Ledger,
@@ -111,11 +131,6 @@ class Tracker:
         )
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
-            mlflow.set_tag("fedhosp.error", f"{exc_type.__name__}: {exc}"[:5000])
-        mlflow.end_run("FAILED" if exc is not None else "FINISHED")
-
     def log_round(self, r: SiteRound, checkpoint: Path | None = None) -> None:
         """Aggregated metrics under ``federation/``, each site's under its own name."""
         self.rounds.append(r)
@@ -154,15 +169,11 @@ class Tracker:
         self.log_ledger()
 
     def log_ledger(self, final: bool = False) -> None:
-        """The ledger as it stands as ``audit/ledger.jsonl``; its head hash as a tag (and on the model version)."""
-        mlflow.log_text(self.ledger.path.read_text(encoding="utf-8"), "audit/ledger.jsonl")
-        mlflow.set_tag(LEDGER_HEAD_TAG, self.ledger.head)
+        """As for every run; at the end also the head hash on the model version."""
+        super().log_ledger()
         if final and self.version is not None:
             self.client.set_model_version_tag(registered_name(self.settings), self.version, LEDGER_HEAD_TAG,
                                               self.ledger.head)
-
-    def log_summary(self, summary: dict) -> None:
-        mlflow.log_dict(summary, "summary.json")
 
     def finish(self, model: torch.nn.Module, features: list[str], input_example) -> dict:
         """Save the final model to disk, log it to MLflow, register it; return the run summary."""
@@ -261,7 +272,7 @@ def download_model(uri: str, tracking: str) -> tuple[Path, tuple[str, str] | Non
     return Path(folder), None
 
 
-class ValidationTracker:
+class ValidationTracker(_OpenRun):
     """One MLflow run per validation: per-site figures, the verdict, the report, the registry tag."""
 
     def __init__(self, settings: RunSettings, flwr_run_id: int, model_hash_: str, model_uri: str, ledger: Ledger):
@@ -281,11 +292,6 @@ class ValidationTracker:
         self.run_id = run.info.run_id
         mlflow.log_params(self.settings.as_params())
         return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
-            mlflow.set_tag("fedhosp.error", f"{exc_type.__name__}: {exc}"[:5000])
-        mlflow.end_run("FAILED" if exc is not None else "FINISHED")
 
     def previous(self) -> dict | None:
         """The newest finished validation of the same weights (by model hash), for drift."""
@@ -345,13 +351,6 @@ class ValidationTracker:
         mlflow.log_artifact(str(report), "report")
         self.log_ledger()
         return mlflow.get_artifact_uri(f"report/{report.name}")
-
-    def log_ledger(self) -> None:
-        mlflow.log_text(self.ledger.path.read_text(encoding="utf-8"), "audit/ledger.jsonl")
-        mlflow.set_tag(LEDGER_HEAD_TAG, self.ledger.head)
-
-    def log_summary(self, summary: dict) -> None:
-        mlflow.log_dict(summary, "summary.json")
 
     def tag_version(self, registry: tuple[str, str], result: dict, report_uri: str, report_path: Path) -> None:
         """The verdict on the registered model version: what a hospital checks before switching it on."""

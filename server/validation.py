@@ -34,7 +34,7 @@ def validate_updates(replies: list[tuple[str, Message]], reference: dict[str, np
     rejected: dict[str, str] = {}
     candidates: list[tuple[str, Message, float]] = []
     for site, msg in replies:
-        reason = _structural_problem(msg, reference)
+        reason = structural_problem(msg, reference)
         if reason is None:
             reason = _examples_problem(msg, declared.get(site), settings.max_examples)
         if reason is not None:
@@ -56,7 +56,7 @@ def validate_updates(replies: list[tuple[str, Message]], reference: dict[str, np
     return accepted, rejected, distances
 
 
-def _structural_problem(msg: Message, reference: dict[str, np.ndarray]) -> str | None:
+def structural_problem(msg: Message, reference: dict[str, np.ndarray]) -> str | None:
     if "arrays" not in msg.content.array_records:
         return "no weights in the reply"
     arrays = msg.content["arrays"]
