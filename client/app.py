@@ -36,7 +36,7 @@ MODEL_SPEC_KEYS = ("task", "endpoint", "target", "model", "image-size")
 def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
     """Record in the site's own signed ledger what this node received, sent or refused."""
     try:
-        site = _site(context, msg)
+        site = _site(context, run_config=effective_run_config(msg, context))
     except Exception:
         site = None
     ledger = site_ledger(context, site)
@@ -71,7 +71,7 @@ def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
 def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
     """Enforce the hospital's policy (node config ``policy``) before any data is read."""
     run_config = effective_run_config(msg, context)
-    site = _site(context, msg)
+    site = _site(context, run_config=run_config)
     policy = SitePolicy.load(context.node_config.get("policy"), site.name)
     config = msg.content["config"] if "config" in msg.content.config_records else {}
     policy.check_run(site.name, str(run_config.get("task", "oncology")),
@@ -115,8 +115,9 @@ def _open(context: Context, msg: Message):
 
     The data's fingerprint is left in ``context.state`` for the site ledger.
     """
-    task = task_for(effective_run_config(msg, context), dict(context.node_config))
-    site = _site(context, msg, task)
+    run_config = effective_run_config(msg, context)
+    task = task_for(run_config, dict(context.node_config))
+    site = _site(context, task)
     validation = _validating(msg)
     data = task.load(site, validation=validation)
     context.state[FINGERPRINT] = ConfigRecord({"data-fingerprint": task.fingerprint(site, data)})
@@ -134,8 +135,8 @@ def _validating(msg: Message) -> bool:
     return msg.metadata.message_type == "query" and config.get("mode") == "validate"
 
 
-def _site(context: Context, msg: Message, task=None) -> Site:
-    task = task or task_for(effective_run_config(msg, context), dict(context.node_config))
+def _site(context: Context, task=None, run_config: dict | None = None) -> Site:
+    task = task or task_for(run_config or dict(context.run_config), dict(context.node_config))
     return resolve_site(dict(context.node_config), str(context.run_config.get("data-root", "")), task.demo_site)
 
 
@@ -152,7 +153,7 @@ def _safe(handler):
         except Exception as exc:
             log.exception("fedhosp %s failed on this node", handler.__name__)
             try:
-                name = _site(context, msg).name
+                name = _site(context, run_config=effective_run_config(msg, context)).name
             except Exception:
                 name = "unknown"
             raise RuntimeError(
