@@ -15,11 +15,10 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import qc
+from client import hardware, qc
 from client.data.tabular import SiteDataError
 from client.ledger import Ledger, load_or_create_key
 from client.policy import SitePolicy, installed_app_hash
@@ -145,8 +144,8 @@ def _safe(handler):
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
         try:
+            hardware.configure(dict(context.node_config))  # node config device / threads
             return handler(msg, context)
         except SiteDataError:
             raise

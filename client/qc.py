@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 from client.data.tabular import AGE_BANDS
 from models.oncology import concordance_index
@@ -71,6 +70,8 @@ def auc(score: np.ndarray, y: np.ndarray) -> float:
     neg = len(y) - pos
     if pos == 0 or neg == 0:
         return float("nan")
+    from scipy.stats import rankdata  # imported here: a training message never pays for SciPy
+
     ranks = rankdata(score)
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 

@@ -20,7 +20,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from client.data import dicom
 from client.data.tabular import COHORT_FILE, SiteDataError, load_cohort
 
 site_app = typer.Typer(no_args_is_help=True)
@@ -40,7 +39,7 @@ def _group() -> None:
 def check(
     folder: Annotated[Path, typer.Argument(help="The site's data folder.")],
     task: Annotated[Task | None, typer.Option(
-        help=f"radiology (DICOM + {dicom.LABELS_FILE}) or oncology ({COHORT_FILE}); "
+        help=f"radiology (DICOM + labels.csv) or oncology ({COHORT_FILE}); "
              f"default: oncology when the folder holds {COHORT_FILE}.")] = None,
     site: Annotated[str | None, typer.Option(help="The site's name; default: the folder's name.")] = None,
     image_size: Annotated[int, typer.Option(min=8, help="Radiology: the model's image side, in pixels.")] = 64,
@@ -61,6 +60,8 @@ def check(
 
 
 def _radiology(console: Console, folder: Path, name: str, image_size: int) -> int:
+    from client.data import dicom  # pydicom and torch only when a radiology folder is checked
+
     report = dicom.site_report(folder, name, image_size)
     summary = _table(f"site {name}: radiology", "", "")
     summary.add_row("usable images", str(report["usable"]))

@@ -6,6 +6,7 @@ demo site, load and describe its data, and train and evaluate on it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client import train as local
+from client import hardware, train as local
 from client.qc import Predictions
 from client.site import Site, fedhosp_home
 from models.registry import DEFAULT_MODEL, build_model
@@ -77,6 +78,7 @@ class RadiologyTask:
         self.seed = int(run_config.get("seed", 42))
         cache = node_config.get("cache-dir")
         self.cache_dir = Path(str(cache)) if cache else None
+        self.device = hardware.resolve(node_config).device  # node config device: auto | cpu | cuda
 
     def demo_site(self, pid: int, count: int) -> Site:
         from client.data import radiology_demo
@@ -102,14 +104,14 @@ class RadiologyTask:
         return build_model("radiology", self.model, target=self.target, image_size=self.image_size)
 
     def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
-        return local.train_images(model, data.train, cfg, server_round, site)
+        return local.train_images(model, data.train, dataclasses.replace(cfg, device=self.device), server_round, site)
 
     def evaluate(self, model, data) -> dict[str, float]:
-        return local.evaluate_images(model, data.test, self.target)
+        return local.evaluate_images(model, data.test, self.target, self.device)
 
     def predictions(self, model, data) -> Predictions:
         test = data.test
-        prob = torch.softmax(torch.from_numpy(local.predict(model, test.images)), dim=1).numpy()
+        prob = torch.softmax(torch.from_numpy(local.predict(model, test.images, device=self.device)), dim=1).numpy()
         score = prob[:, 1] if self.target == "referral" else prob
         return Predictions(self.target, score, test.labels, clusters=test.patients, groups=test.groups)
 

@@ -27,6 +27,7 @@ class TrainSettings:
     lr: float = 0.01
     proximal_mu: float = 0.0
     seed: int = 42
+    device: str = "cpu"  # radiology: where the model and each batch go (client/hardware.py)
 
 
 def round_seed(seed: int, server_round: int, site: str) -> int:
@@ -97,21 +98,31 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_images(model: nn.Module, data, cfg: TrainSettings, server_round: int, site: str,
                  augment: bool = True) -> dict[str, float]:
+    """Train on ``cfg.device``: the model moves there, each (augmented, on the CPU) batch follows it;
+    the weights come back to host memory for the reply."""
+    device = torch.device(cfg.device)
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     loss_fn = nn.CrossEntropyLoss()
+    model.to(device)
 
     def batch_loss(idx, generator):
         batch = _augment(images[idx], generator) if augment else images[idx]
-        return loss_fn(model(batch), labels[idx])
+        return loss_fn(model(batch.to(device)), labels[idx].to(device))
 
-    return fit(model, len(data), batch_loss, cfg, server_round, site)
+    try:
+        return fit(model, len(data), batch_loss, cfg, server_round, site)
+    finally:
+        model.to("cpu")
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    model.eval()
-    return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)]
-                          ).astype(np.float64)
+def predict(model: nn.Module, x: np.ndarray, batch: int = 256, device: str = "cpu") -> np.ndarray:
+    model.eval().to(device)
+    try:
+        return np.concatenate([model(torch.from_numpy(x[i : i + batch]).to(device)).cpu().numpy()
+                               for i in range(0, len(x), batch)]).astype(np.float64)
+    finally:
+        model.to("cpu")
 
 
 def evaluate_tabular(model: nn.Module, data, endpoint: str) -> dict[str, float]:
@@ -124,8 +135,8 @@ def evaluate_tabular(model: nn.Module, data, endpoint: str) -> dict[str, float]:
     return {"loss": float(loss), **binary_metrics(out, data.label)}
 
 
-def evaluate_images(model: nn.Module, data, target: str) -> dict[str, float]:
-    logits = predict(model, data.images)
+def evaluate_images(model: nn.Module, data, target: str, device: str = "cpu") -> dict[str, float]:
+    logits = predict(model, data.images, device=device)
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(data.labels))
     prob = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     return {"loss": float(loss), **classification_metrics(prob, data.labels, target)}

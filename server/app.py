@@ -19,8 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 from client.ledger import Ledger, load_or_create_key
 from client.site import fedhosp_home
 from models.registry import model_hash
+from client.qc import PRIMARY
 from server import checkpoint as ckpt
-from server.qc import run_validation
+from server import progress
 from server.settings import RunSettings
 from server.sites import FederationError, discover_sites
 from server.strategy import ReportingStrategy, SiteRound, build_strategy
@@ -51,9 +52,12 @@ def find_checkpoint(settings: RunSettings) -> ckpt.Checkpoint | None:
 
 def validate(grid: Grid, context: Context, settings: RunSettings) -> None:
     """``mode = validate | cross-site`` (server/qc.py), recorded in the same kind of signed ledger."""
+    from server.qc import run_validation  # the report's matplotlib and SciPy: a training run never pays for them
+
     ledger = Ledger(fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl", coordinator_key(),
                     {"role": "coordinator", "run_id": context.run_id})
     summary = run_validation(grid, context, settings, ledger)
+    summary["mlflow_status"] = "FINISHED"  # the MLflow run has just been closed so; `fedhosp run` reads this line
     log(INFO, "fedhosp validation: %s", json.dumps({k: summary[k] for k in ("verdict", "report", "drift")}))
     log(INFO, "fedhosp summary: %s", json.dumps(summary))
 
@@ -82,6 +86,7 @@ def main(grid: Grid, context: Context) -> None:
         raise FederationError(reason)
     features = list(next(iter(sites.values())).features)
     log(INFO, "fedhosp: %d sites: %s", len(sites), ", ".join(sorted(s.name for s in sites.values())))
+    progress.emit("sites", sites=len(sites), task=settings.task, rounds=settings.num_server_rounds)
     model = settings.build_model(len(features))
     offset = 0
     if resume:
@@ -117,6 +122,10 @@ def main(grid: Grid, context: Context) -> None:
                 r.server_round, {k: a.numpy() for k, a in arrays.items()}, ckpt.strategy_state(inner),
                 settings.as_params(), tracker.run_id, str(ledger.path), original_run))
             tracker.log_round(r, checkpoint_path)
+            metric = PRIMARY[settings.outcome]
+            progress.emit("round", round=r.server_round, rounds=settings.num_server_rounds, answered=len(r.train),
+                          sampled=len(set(r.train) | set(r.failures) | set(r.rejected)), failed=sorted(r.failures),
+                          metric=metric, value=r.evaluate_aggregate.get(metric), skipped=bool(r.skipped))
 
         names = {**{n: site for n, (site, _) in refused.items()}, **{n: s.name for n, s in sites.items()}}
         strategy = ReportingStrategy(inner, names, on_round, ledger, {s.name: s.num_train for s in sites.values()},
@@ -140,4 +149,5 @@ def main(grid: Grid, context: Context) -> None:
         summary["ledger_head"] = ledger.head
         tracker.log_ledger(final=True)
         tracker.log_summary(summary)
+    summary["mlflow_status"] = "FINISHED"  # the MLflow run has just been closed so; `fedhosp run` reads this line
     log(INFO, "fedhosp summary: %s", json.dumps(summary))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -25,13 +26,16 @@ def run(
     sites: int = typer.Option(5, "--sites", "-n", help="Number of simulated hospital nodes."),
     run_config: list[str] = typer.Option([], "--run-config", "-c", help="Run-config overrides, 'k=v k2=v2', or a TOML file."),
     app_dir: Path = typer.Option(APP_DIR, "--app", help="The Flower app folder (this project)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the run's log."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Stream the run's whole log instead of a progress line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line; only the outcome."),
 ) -> None:
     """Run a local Flower simulation of the regions and print its outcome. Exit 0 only on success."""
+    started = time.monotonic()
     from flwr.common.config import parse_config_args
 
     from server import runner
-    from server.summary import find_summary, print_summary
+    from server.progress import RunProgress, relevant_lines
+    from server.summary import find_summary, print_summary, summary_from_log
 
     env = runner.runtime_env()
     overrides = parse_config_args(run_config) if run_config else {}
@@ -41,18 +45,25 @@ def run(
     Path(env["FEDHOSP_HOME"]).mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]fedhosp[/]: {sites} simulated sites; FEDHOSP_HOME={env['FEDHOSP_HOME']}")
     try:
-        with runner.local_superlink(env):
-            outcome = runner.flwr_run(app_dir, env, overrides, sites, echo=None if quiet else console.out)
+        with runner.local_superlink(env), RunProgress(console, verbose, quiet, started) as shown:
+            outcome = runner.flwr_run(app_dir, env, overrides, sites, echo=shown)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: the local SuperLink was stopped")
         raise typer.Exit(130)
+    log_file = Path(env["FEDHOSP_HOME"]) / "logs" / f"run-{outcome.run_id}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(outcome.log, encoding="utf-8")
     if not outcome.ok:
         console.print(f"[red bold]Run {outcome.run_id} did not complete[/]: status {outcome.status}")
         reason = runner.failure_reason(outcome.log)
         if reason:
             console.print(f"[red]{reason}[/]")
+        if not verbose:
+            for line in relevant_lines(outcome.log):
+                console.out(f"  | {line}", highlight=False)
+        console.print(f"The run's whole log: {log_file}")
         raise typer.Exit(1)
-    summary = find_summary(uri, outcome.run_id)
+    summary = summary_from_log(outcome.log, outcome.run_id) or find_summary(uri, outcome.run_id)
     if summary is None:
         console.print(f"[red]Run {outcome.run_id} finished but no MLflow summary was found in {uri}[/]")
         raise typer.Exit(1)

@@ -32,6 +32,7 @@ from client.ledger import Ledger
 from client.site import fedhosp_home
 from models.registry import model_hash
 from server import criteria as acceptance
+from server import progress
 from server.report import write_report
 from server.settings import RunSettings
 from server.sites import FederationError, SiteInfo, discover_sites, reason_text
@@ -192,6 +193,7 @@ def _prepare(grid: Grid, context: Context, settings: RunSettings, ledger: Ledger
     names = sorted(s.name for s in sites.values())
     log(INFO, "fedhosp: %s of %s at %d sites: %s", settings.mode, settings.model_uri or "site models", len(sites),
         ", ".join(names))
+    progress.emit("sites", sites=len(sites), task=settings.task, mode=settings.mode)
     return settings, loaded, sites, refused, features, crit, threshold, functions
 
 
@@ -214,6 +216,7 @@ def _evaluate(grid: Grid, context: Context, ledger: Ledger, settings: RunSetting
             config = ConfigRecord({**node_config(settings), "bootstrap-samples": settings.bootstrap_samples,
                                    "min-cell": settings.min_cell, "threshold": threshold, "seed": settings.seed})
             content = {node: RecordDict({**records, "config": config}) for node in sites}
+            progress.emit("validation", sites=len(sites), models=len(records))
             replies, failed = _send(grid, sites, content, VALIDATE, settings.round_timeout)
             result = _result(settings, loaded, crit, threshold, replies, failed, refused, records, failed_training,
                              functions, context.run_id, tracker.run_id)

@@ -9,6 +9,8 @@ returns it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -220,13 +222,15 @@ def submit(command: list[str], env: dict[str, str], connection_name: str, cwd: P
     text = "".join(lines)
     if run_id is None:
         return RunOutcome(0, f"not-started (flwr run exited {proc.returncode})", text)
+    # The stream ends when the run does, so the first look usually finds the final status.
     deadline = time.monotonic() + timeout
-    status = "unknown"
+    status, pause = "unknown", 0.1
     while time.monotonic() < deadline:
         status = run_status(run_id, env, connection_name)
         if status.startswith("finished"):
             break
-        time.sleep(1.0)
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
     if status != "finished:completed":  # the stream can end before the last lines arrive: read the stored log
         shown = subprocess.run(["flwr", "log", str(run_id), connection_name, "--show"], env=env, capture_output=True,
                                text=True, check=False, timeout=120).stdout
@@ -235,14 +239,32 @@ def submit(command: list[str], env: dict[str, str], connection_name: str, cwd: P
 
 
 def run_status(run_id: int, env: dict[str, str], connection_name: str | None = None) -> str:
-    out = subprocess.run(["flwr", "ls", connection_name or connection(env), "--run-id", str(run_id), "--format", "json"],
-                         env=env,
-                         capture_output=True, text=True, check=False)
+    """The run's status (``finished:completed``, ``running``, ...) as ``flwr ls`` reports it.
+
+    Asked in this process through Flower's own Control API client and the named
+    connection in ``$FLWR_HOME/config.toml``: a ``flwr ls`` subprocess would pay
+    about 2 s of imports for every look.
+    """
+    import tomllib
+
+    from flwr.cli.flower_config import parse_superlink_connection
+    from flwr.cli.run_utils import format_runs
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
+
+    name = connection_name or connection(env)
+    config = tomllib.loads((Path(env["FLWR_HOME"]) / "config.toml").read_text(encoding="utf-8"))
+    with contextlib.redirect_stdout(io.StringIO()):  # Flower's client announces "Using SuperLink: ..." every time
+        client = init_http_client_from_connection(parse_superlink_connection(config["superlink"][name], name))
     try:
-        runs = json.loads(out.stdout)["runs"]
-    except (ValueError, KeyError):
+        response = client.ListRuns(ListRunsRequest(run_id=run_id))
+    except Exception:  # not yet known, or the SuperLink is gone: the caller keeps looking until its deadline
         return "unknown"
-    return runs[0]["status"] if runs else "unknown"
+    finally:
+        client.close()
+    rows = format_runs([run_from_proto(proto) for proto in response.run_dict.values()], response.now)
+    return rows[0].status_text if rows else "unknown"
 
 
 def failure_reason(log_text: str) -> str:

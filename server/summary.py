@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from urllib.parse import urlparse
 
 from rich.console import Console
 from rich.table import Table
 
-from server.tracking import FLWR_RUN_TAG
+_SUMMARY = re.compile(r"fedhosp summary: (\{.*\})\s*$", re.M)
+
+
+def summary_from_log(log_text: str, flwr_run_id: int) -> dict | None:
+    """The summary the ServerApp logged as its last act (after closing its MLflow run), if the log has it.
+
+    Reading it from the log spares ``fedhosp run`` importing and opening MLflow
+    (seconds); :func:`find_summary` reads the same dict from MLflow.
+    """
+    for found in reversed(_SUMMARY.findall(log_text)):
+        try:
+            summary = json.loads(found)
+        except ValueError:
+            continue
+        if summary.get("flwr_run_id") == flwr_run_id:
+            return summary
+    return None
 
 
 def find_summary(uri: str, flwr_run_id: int) -> dict | None:
     import mlflow
     from mlflow.tracking import MlflowClient
+
+    from server.tracking import FLWR_RUN_TAG
 
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]

@@ -152,6 +152,25 @@ def test_densenet121_trains_a_step_and_returns_every_tensor_it_received(knee_dir
     assert reply.content["metrics"]["local_steps"] == 1
 
 
+def test_the_node_config_chooses_device_and_threads_and_a_missing_gpu_is_named(knee_dir):
+    import torch
+
+    from client.data.tabular import SiteDataError
+
+    threads = torch.get_num_threads()
+    ctx, content = _radiology(knee_dir, **{"local-steps": 1})
+    try:
+        ctx.node_config.update({"device": "cpu", "threads": 1})
+        reply = app(_message(MessageType.TRAIN, content), ctx)
+        assert not reply.has_error() and torch.get_num_threads() == 1
+        if not torch.cuda.is_available():
+            ctx.node_config["device"] = "cuda"
+            with pytest.raises(SiteDataError, match="site Syddanmark: node config device='cuda', but torch sees no"):
+                app(_message(MessageType.TRAIN, content), ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _validate_content(endpoint="response", **config) -> RecordDict:
     net = build_model("oncology", "linear", endpoint=endpoint, num_features=len(demo.FEATURES))
     cfg = {"task": "oncology", "endpoint": endpoint, "model": "linear", "bootstrap-samples": 50, "min-cell": 10,

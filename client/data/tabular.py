@@ -11,9 +11,12 @@ import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported when a cohort is read, not by every ClientApp process
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int =
     if not path.is_file():
         log.error("site %s: %s not found", site, path)
         raise SiteDataError(f"site {site}: no {COHORT_FILE} in the site's data folder")
+    import pandas as pd
+
     try:
         frame = pd.read_csv(path)
     except Exception as exc:  # pandas' messages can quote file content
@@ -84,6 +89,8 @@ def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", s
     column may mark every patient ``test`` (a held-out validation cohort); the
     features are then standardised with that cohort's own statistics.
     """
+    import pandas as pd
+
     frame.columns = [str(c).strip() for c in frame.columns]
     for column in ("time", "event") + (("label",) if endpoint == "response" else ()):
         if column not in frame.columns:

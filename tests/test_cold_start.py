@@ -1,0 +1,66 @@
+"""Every SuperNode message is a fresh process: it must import only what that message needs.
+
+Each check runs in a new interpreter and reads ``sys.modules`` afterwards, so it
+fails the moment someone adds a top-level import of a heavy library on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from client.data import demo
+from tests.conftest import APP_DIR
+
+HEAVY = ("monai", "mlflow", "sklearn", "scipy", "matplotlib", "lifelines", "pydicom")
+
+
+def _imported(code: str, watch=HEAVY) -> list[str]:
+    """Run ``code`` in a fresh interpreter; the watched top-level packages it left in ``sys.modules``."""
+    probe = f"import sys, json\n{code}\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(watch)!r})))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=APP_DIR, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+MESSAGE = """
+import time
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from client.app import app
+from models.registry import build_model
+
+def message(kind, content):
+    meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=kind)
+    return Message(content=content, metadata=meta)
+
+context = Context(run_id=1, node_id=7, node_config={{"site-name": "Sjælland", "data-dir": {folder!r}}},
+                  state=RecordDict(), run_config={{"task": "oncology", "endpoint": {endpoint!r}, "seed": 42}})
+net = build_model("oncology", "linear", endpoint={endpoint!r}, num_features={features})
+config = ConfigRecord({{"lr": 0.01, "local-epochs": 1, "local-steps": 0, "batch-size": 32, "seed": 42,
+                        "server-round": 1}})
+reply = app(message({kind!r}, RecordDict({{"arrays": ArrayRecord(net.state_dict()), "config": config}})), context)
+assert not reply.has_error(), reply.error
+"""
+
+
+def test_an_oncology_train_or_evaluate_message_imports_neither_monai_mlflow_scipy_nor_sklearn(tmp_path):
+    folder = tmp_path / "site"
+    demo.write_site(folder, demo.REGIONS[3])
+    for kind in ("train", "evaluate"):
+        code = MESSAGE.format(folder=str(folder), endpoint="survival", features=len(demo.FEATURES), kind=kind)
+        assert _imported(code) == [], kind
+
+
+def test_importing_the_client_app_loads_no_data_or_analysis_library():
+    assert _imported("import client.app", HEAVY + ("pandas",)) == []
+
+
+def test_the_server_app_loads_no_report_or_radiology_library_for_training():
+    # MLflow is the training run's tracker, so it may come; the validation report's libraries may not
+    assert _imported("import server.app", ("monai", "matplotlib", "jinja2", "sklearn", "lifelines", "pydicom")) == []
+
+
+def test_the_command_line_loads_neither_torch_flower_nor_mlflow_to_start():
+    assert _imported("import server.cli", ("torch", "flwr", "mlflow", "monai", "pandas", "scipy", "pydicom")) == []
