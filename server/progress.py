@@ -21,7 +21,7 @@ from rich.text import Text
 
 TAG = "fedhosp progress: "
 _LINE = re.compile(re.escape(TAG) + r"(\{.*\})\s*$")
-_RELEVANT = re.compile(r"\b(ERROR|CRITICAL|Traceback|FederationError|SiteDataError|fedhosp:)|Error: |failed", re.I)
+_RELEVANT = re.compile(r"\b(ERROR|CRITICAL|FederationError|SiteDataError|fedhosp:)|Error: |failed", re.I)
 
 
 def emit(event: str, **fields) -> None:
@@ -62,8 +62,14 @@ def describe(event: dict) -> str:
 
 
 def relevant_lines(log_text: str, limit: int = 30) -> list[str]:
-    """The log lines a person needs when a run failed: errors, fedhosp's own notes, failures."""
-    lines = [line.rstrip() for line in log_text.splitlines() if _RELEVANT.search(line) and TAG not in line]
+    """The log lines a person needs when a run failed: errors, fedhosp's own notes, failures (with the
+    ``  - `` lines that continue them)."""
+    lines: list[str] = []
+    keep = False
+    for line in log_text.splitlines():
+        keep = (bool(_RELEVANT.search(line)) and TAG not in line) or (keep and line.startswith("  - "))
+        if keep:
+            lines.append(line.rstrip())
     return lines[-limit:]
 
 

@@ -64,3 +64,14 @@ def test_the_server_app_loads_no_report_or_radiology_library_for_training():
 
 def test_the_command_line_loads_neither_torch_flower_nor_mlflow_to_start():
     assert _imported("import server.cli", ("torch", "flwr", "mlflow", "monai", "pandas", "scipy", "pydicom")) == []
+
+
+def test_the_app_folder_that_flower_walks_at_every_run_holds_no_environment():
+    # `flwr run .` visits every file under the app folder before it filters (symlinked folders excepted): a
+    # virtualenv inside it (50,000 files) cost 9 s per run. The Makefile keeps .venv a link to a folder elsewhere.
+    from pathlib import Path
+
+    from flwr.cli.utils import collect_files
+
+    files = collect_files(Path(APP_DIR))
+    assert len(files) < 5000, f"{len(files)} files under {APP_DIR}, e.g. {sorted(files)[-3:]}"

@@ -18,7 +18,7 @@ from client.data.tabular import load_cohort
 from models.oncology import concordance_index, cox_partial_nll
 from models.registry import build_model, model_hash
 from server import runner
-from server.summary import find_summary
+from server.summary import find_summary, summary_from_log
 from server.tracking import FLWR_RUN_TAG
 from tests.conftest import APP_DIR, processes_mentioning
 
@@ -137,11 +137,18 @@ def test_bad_site_data_fails_the_run_with_a_clear_error_and_no_finished_mlflow_r
     demo.write_demo(root, 3)
     expected = breakage(root)
     config = {"num-server-rounds": 2, "data-root": str(root), "mlflow-uri": mlflow_uri, "mlflow-experiment": "bad"}
-    outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
-    assert outcome.status == "finished:failed"
-    reason = runner.failure_reason(outcome.log)
+    # through `fedhosp run`, as a person would (it uses the test's SuperLink, already up on its port)
+    done = subprocess.run([sys.executable, "-m", "server.cli", "run", "--sites", "3", "--run-config",
+                           runner.config_arg(config)], env=superlink, capture_output=True, text=True, timeout=600,
+                          cwd=APP_DIR)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "did not complete[/]" not in done.stdout and "status finished:failed" in done.stdout
+    log_file = Path(done.stdout.rsplit("The run's whole log: ", 1)[1].split()[0])
+    reason = runner.failure_reason(log_file.read_text(encoding="utf-8"))
     assert reason.startswith("site check failed:") and all(e in reason for e in expected)  # every site's problem
     assert "Traceback" not in reason and "ray::" not in reason
+    printed = done.stdout.replace("\n", " ")
+    assert all(e in printed for e in expected) and "Traceback" not in done.stdout  # the relevant lines, no more
     _, runs = _runs(mlflow_uri, "bad")
     assert [r for r in runs if r.info.status == "FINISHED"] == []
 
@@ -174,7 +181,7 @@ def _pooled_test_c_index(model, cohorts) -> float:
 def test_main_job_recovers_the_pooled_cox_fit_on_the_five_demo_regions(flower_env):
     """`fedhosp run` (the README's main job) on the demo; federated C-index within 0.02 of a pooled fit."""
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "run", "--sites", "5", "--quiet",
+        [sys.executable, "-m", "server.cli", "run", "--sites", "5",
          "--run-config", "num-server-rounds=8 mlflow-experiment='recovery'"],
         env=flower_env, capture_output=True, text=True, timeout=600, cwd=APP_DIR,
     )
@@ -184,9 +191,22 @@ def test_main_job_recovers_the_pooled_cox_fit_on_the_five_demo_regions(flower_en
     assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout.replace("\n", "")
     assert not processes_mentioning(flower_env["FLWR_HOME"])
 
+    # without a terminal: one plain progress line per round instead of Flower's log
+    progress = [line for line in result.stdout.splitlines() if line.startswith("fedhosp round ")]
+    assert [line.split(" · ")[0] for line in progress] == [f"fedhosp round {k}/8" for k in range(1, 9)]
+    assert all("5/5 sites answered · c_index 0." in line for line in progress)
+    assert "configure_train" not in result.stdout and "[ROUND" not in result.stdout
+
     uri = f"sqlite:///{flower_env['FEDHOSP_HOME']}/mlflow.db"
     _, runs = _runs(uri, "recovery")
-    summary = find_summary(uri, int(runs[0].data.tags[FLWR_RUN_TAG]))
+    flwr_run_id = int(runs[0].data.tags[FLWR_RUN_TAG])
+    summary = find_summary(uri, flwr_run_id)
+    # what the CLI printed came from the run's log (kept in FEDHOSP_HOME/logs), and it is what MLflow holds
+    logged = summary_from_log((Path(flower_env["FEDHOSP_HOME"]) / "logs" / f"run-{flwr_run_id}.log").read_text(), flwr_run_id)
+    mlflow_only = ("mlflow_status", "experiment_id")
+    assert {k: v for k, v in logged.items() if k not in mlflow_only} == \
+        {k: v for k, v in summary.items() if k not in mlflow_only}
+    assert logged["mlflow_status"] == summary["mlflow_status"] == "FINISHED"
     federated = build_model("oncology", "linear", num_features=len(demo.FEATURES))
     federated.load_state_dict(torch.load(summary["model_file"]))
 
