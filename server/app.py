@@ -118,10 +118,13 @@ def main(grid: Grid, context: Context) -> None:
             ckpt.restore_strategy(inner, resume.strategy_state)
 
         def on_round(r: SiteRound, arrays: ArrayRecord) -> None:
+            # MLflow first, then the checkpoint: a coordinator killed between the two replays this round when
+            # resumed, and the tracker skips the round MLflow already has; the other order loses its metrics
+            tracker.log_round(r)
             ckpt.save(checkpoint_path, ckpt.Checkpoint(
                 r.server_round, {k: a.numpy() for k, a in arrays.items()}, ckpt.strategy_state(inner),
                 settings.as_params(), tracker.run_id, str(ledger.path), original_run))
-            tracker.log_round(r, checkpoint_path)
+            tracker.checkpointed(checkpoint_path)
             metric = PRIMARY[settings.outcome]
             progress.emit("round", round=r.server_round, rounds=settings.num_server_rounds, answered=len(r.train),
                           sampled=len(set(r.train) | set(r.failures) | set(r.rejected)), failed=sorted(r.failures),

@@ -131,11 +131,13 @@ class Tracker(_OpenRun):
         )
         return self
 
-    def log_round(self, r: SiteRound, checkpoint: Path | None = None) -> None:
+    def checkpointed(self, checkpoint: Path) -> None:
+        """The run's checkpoint file (for ``resume-from = <mlflow run id>``), tagged once it exists."""
+        mlflow.set_tag(CHECKPOINT_TAG, str(checkpoint))
+
+    def log_round(self, r: SiteRound) -> None:
         """Aggregated metrics under ``federation/``, each site's under its own name."""
         self.rounds.append(r)
-        if checkpoint is not None:
-            mlflow.set_tag(CHECKPOINT_TAG, str(checkpoint))
         if r.server_round <= self.logged_up_to:  # replayed after a resume: already in MLflow
             self.log_ledger()
             return

@@ -35,6 +35,10 @@ ClientApps, Ray). Each command's output goes, each line stamped with the
 seconds since the command started, to a log in the temp folder (``--keep``
 keeps it); the "where the time goes" table reads those stamps.
 
+It first times the cold starts every process pays before any work (a fresh
+interpreter importing the ClientApp, the ServerApp, the CLI's ``--help``,
+MONAI's networks; ``--imports-only`` stops there).
+
 Not a pytest test, and it asserts nothing; ``make bench-overhead`` or
 ``.venv/bin/python tests/bench_overhead.py --repeat 5``.
 """
@@ -538,15 +542,45 @@ def report(results: list[Measurement], args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- main
 
+# What each process pays before any work: a SuperNode starts a fresh ClientApp process for every message,
+# the simulation one ServerApp process per run, and a person waits for the CLI.
+COLD_STARTS = (
+    ("import torch (the floor)", ["-c", "import torch"]),
+    ("import client.app", ["-c", "import client.app"]),
+    ("import server.app", ["-c", "import server.app"]),
+    ("fedhosp --help", ["-m", "server.cli", "--help"]),
+    ("import monai.networks.nets (radiology only)", ["-c", "import monai.networks.nets"]),
+)
+
+
+def cold_starts(repeat: int) -> None:
+    """Median wall time of a fresh interpreter doing each of COLD_STARTS (alternating, ``repeat`` times)."""
+    times: dict[str, list[float]] = {name: [] for name, _ in COLD_STARTS}
+    for _ in range(repeat):
+        for name, args in COLD_STARTS:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, *args], cwd=REPO, env=runner.runtime_env(), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=COMMAND_TIMEOUT)
+            times[name].append(time.perf_counter() - started)
+    print(f"Cold starts: median wall s of a fresh interpreter (min-max), {repeat} each")
+    for name, values in times.items():
+        print(f"  {name:<44} {_median(values):5.2f}  ({min(values):.2f}-{max(values):.2f})")
+    print(flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant (alternating)")
     parser.add_argument("--sites", type=int, default=5, help="simulated nodes (num-supernodes)")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (num-server-rounds)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, apps, stores)")
+    parser.add_argument("--imports-only", action="store_true", help="only the cold-start import timings")
     args = parser.parse_args()
 
     started = time.perf_counter()
+    cold_starts(max(args.repeat, 3))
+    if args.imports_only:
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="fedhosp-bench-overhead-"))
     results: list[Measurement] = []
     try:

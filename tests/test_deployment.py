@@ -45,14 +45,14 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
         d.processes.start("no-ca", supernode_command(other_ca, superlink, d.workdir / "sites" / names[0] / "keys" /
                                                      "node_key", "site-name='Impostor'", free_port()),
                           site_env(d.env, tmp_path / "no-ca"), logs["no-ca"])
-        outcome = run_on(d, APP_DIR, {"num-server-rounds": 2})
+        outcome = run_on(d, APP_DIR, {"num-server-rounds": 1})
         assert outcome.ok, outcome.log[-3000:]
 
         mlflow.set_tracking_uri(d.mlflow_uri)
         client = MlflowClient(d.mlflow_uri)
         run = client.search_runs([client.get_experiment_by_name("fedhosp").experiment_id])[0]
         assert run.info.status == "FINISHED" and run.data.params["num-sites"] == "2"
-        failures = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/failures/round-0002.json")
+        failures = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/failures/round-0001.json")
         assert failures == {"Syddanmark": "site Syddanmark: policy refuses task 'oncology' (accepts radiology)"}
         assert client.get_metric_history(run.info.run_id, "Syddanmark/failed")[-1].value == 1.0
         assert "Stranger" not in run.data.tags["fedhosp.sites"] and "Impostor" not in run.data.tags["fedhosp.sites"]
@@ -80,9 +80,9 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
     # what was refused is in both ledgers, with the reason and no data
     coordinator = read_records(d.workdir / "coordinator" / "ledgers" / f"run-{outcome.run_id}.jsonl")
     refusals = [r["data"] for r in coordinator if r["event"] == "update-failed"]
-    assert {r["site"] for r in refusals} == {"Syddanmark"} and len(refusals) == 2
+    assert {r["site"] for r in refusals} == {"Syddanmark"} and len(refusals) == 1
     site = read_records(d.workdir / "sites" / "Syddanmark" / "ledger" / f"run-{outcome.run_id}.jsonl")
-    assert [r["event"] for r in site].count("train-failed") == 2
+    assert [r["event"] for r in site].count("train-failed") == 1
     assert all(r["data"].get("data_fingerprint") is None for r in site)  # refused before any data was read
     # the stranger and the impostor never got in
     assert "Stranger" not in outcome.log and "Impostor" not in outcome.log
@@ -168,7 +168,7 @@ def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it
     hang = 20 * round_timeout  # only a hang is that slow
     with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs))) as d:
         result: dict = {}
-        config = {"num-server-rounds": 4, "round-timeout": round_timeout, "min-train-nodes": 2, "local-epochs": 30}
+        config = {"num-server-rounds": 3, "round-timeout": round_timeout, "min-train-nodes": 2, "local-epochs": 30}
         thread = threading.Thread(target=lambda: result.update(run=run_on(d, APP_DIR, config)))
         thread.start()
         ledgers = d.workdir / "coordinator" / "ledgers"
@@ -188,23 +188,29 @@ def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it
         name, proc = next((n, p) for n, p in d.processes.started if n == f"supernode-{victim}")
         os.killpg(os.getpgid(proc.pid), signal.SIGKILL)  # the hospital's node dies mid-round
         proc.wait()
-        # it comes back after the outage: once the SuperLink has marked its old session offline
-        # (a SuperNode whose key is still online is refused), as a supervisor's restart would
-        seen = wait_for(lambda rs: any(r["event"] == "round-start" and victim not in r["data"]["sites"] for r in rs),
-                        "a round without the dead node")
-        back_from = max(r["data"]["round"] for r in seen if r["event"] == "round-start")
+        seen = wait_for(lambda rs: any(r["event"] == "update-failed" and r["data"]["site"] == victim for r in rs),
+                        "the dead node's failure")
+        failed_in = next(r["data"]["round"] for r in seen if r["event"] == "update-failed")
+        # it comes back, as under a supervisor (compose's restart: unless-stopped): a SuperNode whose old session
+        # the SuperLink still holds online is refused and exits, so it is started again until it is let in
         home = d.workdir / "sites" / victim
-        d.processes.start(name, proc.args, site_env(d.env, home), d.workdir / "logs" / f"{name}-restarted.log")
+        log = d.workdir / "logs" / f"{name}-restarted.log"
+        while thread.is_alive():
+            node = d.processes.start(name, proc.args, site_env(d.env, home), log)
+            while thread.is_alive() and node.poll() is None:
+                time.sleep(0.5)
+            if thread.is_alive():
+                time.sleep(1.0)
         thread.join(timeout=hang)
         outcome = result["run"]
         assert outcome.ok, outcome.log[-3000:]
         records = events()
     drop_database(d.backend)
     failed = [(r["data"]["round"], r["data"]["site"]) for r in records if r["event"] == "update-failed"]
-    assert failed and {site for _, site in failed} == {victim}  # the round it died in, and while it was away
+    assert failed and {site for _, site in failed} == {victim}  # the round it died in (and any while it was away)
     updates = {(r["data"]["round"], r["data"]["site"]) for r in records if r["event"] == "update"}
-    assert all((rnd, site) in updates for rnd in range(1, 5) for site in names[:2])  # the others never stopped
-    # back, and taking part again (a round after the one it was restarted in: it reconnects while that one runs)
-    assert any((rnd, victim) in updates for rnd in range(back_from + 1, 5)), (back_from, sorted(updates))
+    assert all((rnd, site) in updates for rnd in range(1, 4) for site in names[:2])  # the others never stopped
+    # back, and taking part again in a later round
+    assert any((rnd, victim) in updates for rnd in range(failed_in + 1, 4)), (failed_in, sorted(updates))
     assert not any(site.startswith("node-") for _, site in failed)  # failures are named by site
     assert [r["event"] for r in records][-1] == "run-end"

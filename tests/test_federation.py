@@ -31,54 +31,6 @@ def _runs(uri: str, experiment: str):
     return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
 
 
-def test_three_round_simulation_tracks_every_round_per_site_in_one_mlflow_run(superlink, tmp_path, mlflow_uri):
-    root = tmp_path / "sites"
-    sites = [f.name for f in demo.write_demo(root, 3, seed=11)]
-    config = {"num-server-rounds": 3, "data-root": str(root), "mlflow-uri": mlflow_uri, "mlflow-experiment": "t3",
-              "seed": 11}
-    outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
-    assert outcome.ok, outcome.log[-3000:]
-
-    client, runs = _runs(mlflow_uri, "t3")
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.tags[FLWR_RUN_TAG] == str(outcome.run_id)
-    assert {"strategy", "num-server-rounds", "local-epochs", "local-steps", "lr", "server-lr", "proximal-mu",
-            "seed", "data-root", "mlflow-uri", "mlflow-experiment", "task", "endpoint", "model",
-            "batch-size"} <= set(run.data.params)
-    assert run.data.params["num-server-rounds"] == "3"
-
-    def steps(key):
-        return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-
-    for key in ("federation/c_index", "federation/train_loss", "federation/eval_loss",
-                "federation/round_duration_s", "federation/num_patients", "federation/failed_sites"):
-        assert steps(key) == [1, 2, 3], key
-    for site in sites:
-        for key in ("c_index", "train_loss", "eval_loss", "num_patients", "num_test_patients", "failed", "update_bytes"):
-            assert steps(f"{site}/{key}") == [1, 2, 3], f"{site}/{key}"
-    patients = {s: client.get_metric_history(run.info.run_id, f"{s}/num_patients")[-1].value for s in sites}
-    assert patients == {s: len(load_cohort(root / s, s, seed=11).train) for s in sites}
-
-    summary = find_summary(mlflow_uri, outcome.run_id)
-    state = torch.load(summary["model_file"])
-    assert model_hash(state) == summary["model_hash"] == run.data.tags["fedhosp.model_hash"]
-    version = client.get_model_version("fedhosp-oncology-survival", summary["registered_model"].rsplit("/", 1)[1])
-    assert version.tags["fedhosp.sites"] == ",".join(sorted(sites))
-    assert version.run_id == run.info.run_id
-
-    # the audit trail: signed ledgers on both sides that agree, with no patient identifier or data path
-    patient_ids = [pid for s in sites for pid in pd.read_csv(root / s / "cohort.csv")["patient_id"]]
-    records = _check_ledgers(Path(superlink["FEDHOSP_HOME"]), outcome.run_id, run, client, sites,
-                             patient_ids + [str(root)])
-    events = [r["event"] for r in records]
-    assert events[:2] == ["ledger-open", "run-start"] and events[-1] == "run-end"
-    assert events.count("round-start") == 3 and events.count("update") == 9 and events.count("evaluation") == 9
-    assert version.tags["fedhosp.ledger_head"] == records[-1]["hash"] == run.data.tags["fedhosp.ledger_head"]
-    assert records[-1]["data"]["final_model_hash"] == summary["model_hash"]
-
-
 def test_response_endpoint_trains_an_mlp_and_tracks_auc(superlink, tmp_path, mlflow_uri):
     root = tmp_path / "sites"
     demo.write_demo(root, 3)
@@ -178,8 +130,10 @@ def _pooled_test_c_index(model, cohorts) -> float:
     return concordance_index(time, risk, event)
 
 
-def test_main_job_recovers_the_pooled_cox_fit_on_the_five_demo_regions(flower_env):
-    """`fedhosp run` (the README's main job) on the demo; federated C-index within 0.02 of a pooled fit."""
+def test_main_job_tracks_every_round_per_site_keeps_agreeing_ledgers_and_recovers_the_pooled_fit(flower_env):
+    """`fedhosp run` (the README's main job) on the five demo regions, 8 rounds: progress lines, one MLflow run
+    with every metric per round and site, the saved and registered model, both ledgers verified and reconciled
+    with no identifier or path, and a federated C-index within 0.02 of a pooled fit. One federation, read by all."""
     result = subprocess.run(
         [sys.executable, "-m", "server.cli", "run", "--sites", "5",
          "--run-config", "num-server-rounds=8 mlflow-experiment='recovery'"],
@@ -207,8 +161,50 @@ def test_main_job_recovers_the_pooled_cox_fit_on_the_five_demo_regions(flower_en
     assert {k: v for k, v in logged.items() if k not in mlflow_only} == \
         {k: v for k, v in summary.items() if k not in mlflow_only}
     assert logged["mlflow_status"] == summary["mlflow_status"] == "FINISHED"
+
+    # one MLflow run with the whole run config and every metric per round and per site
+    client, run = MlflowClient(uri), runs[0]
+    assert len(runs) == 1 and run.info.status == "FINISHED"
+    assert {"strategy", "num-server-rounds", "local-epochs", "local-steps", "lr", "server-lr", "proximal-mu",
+            "seed", "data-root", "mlflow-uri", "mlflow-experiment", "task", "endpoint", "model",
+            "batch-size"} <= set(run.data.params)
+    assert run.data.params["num-server-rounds"] == "8"
+    rounds = list(range(1, 9))
+
+    def steps(key):
+        return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+    for key in ("federation/c_index", "federation/train_loss", "federation/eval_loss",
+                "federation/round_duration_s", "federation/num_patients", "federation/failed_sites"):
+        assert steps(key) == rounds, key
+    sites = [r.name for r in demo.REGIONS]
+    root = Path(flower_env["FEDHOSP_HOME"]) / "demo" / "oncology-seed42"
+    for site in sites:
+        for key in ("c_index", "train_loss", "eval_loss", "num_patients", "num_test_patients", "failed", "update_bytes"):
+            assert steps(f"{site}/{key}") == rounds, f"{site}/{key}"
+    patients = {s: client.get_metric_history(run.info.run_id, f"{s}/num_patients")[-1].value for s in sites}
+    assert patients == {s: len(load_cohort(root / s, s).train) for s in sites}
+
+    # the saved model is the one MLflow and the registry name
+    state = torch.load(summary["model_file"])
+    assert model_hash(state) == summary["model_hash"] == run.data.tags["fedhosp.model_hash"]
+    version = client.get_model_version("fedhosp-oncology-survival", summary["registered_model"].rsplit("/", 1)[1])
+    assert version.tags["fedhosp.sites"] == ",".join(sorted(sites))
+    assert version.run_id == run.info.run_id
+
+    # the audit trail: signed ledgers on both sides that agree, with no patient identifier or data path
+    patient_ids = [pid for s in sites for pid in pd.read_csv(root / s / "cohort.csv")["patient_id"]]
+    records = _check_ledgers(Path(flower_env["FEDHOSP_HOME"]), flwr_run_id, run, client, sites,
+                             patient_ids + [str(root)])
+    events = [r["event"] for r in records]
+    assert events[:2] == ["ledger-open", "run-start"] and events[-1] == "run-end"
+    assert events.count("round-start") == 8 and events.count("update") == 40 and events.count("evaluation") == 40
+    assert version.tags["fedhosp.ledger_head"] == records[-1]["hash"] == run.data.tags["fedhosp.ledger_head"]
+    assert records[-1]["data"]["final_model_hash"] == summary["model_hash"]
+
+    # the model itself: within 0.02 C-index of a centralised fit on the pooled data
     federated = build_model("oncology", "linear", num_features=len(demo.FEATURES))
-    federated.load_state_dict(torch.load(summary["model_file"]))
+    federated.load_state_dict(state)
 
     folder = lambda r: f"{flower_env['FEDHOSP_HOME']}/demo/oncology-seed42/{r.name}"  # noqa: E731
     cohorts = [load_cohort(folder(r), r.name) for r in demo.REGIONS]

@@ -94,8 +94,18 @@ def test_poisoned_updates_are_rejected_and_the_model_equals_a_run_without_the_ba
 
 
 def _flwr_simulation_pids(flwr_home: str) -> list[int]:
+    """This test's coordinator process only: the other xdist worker may be running a simulation of its own."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "flwr-simulation" in line]
+    pids = [int(line.split()[0]) for line in out.splitlines() if "flwr-simulation" in line]
+    mine = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for pid in pids:
+        try:
+            if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(pid)
+        except OSError:
+            pass
+    return found
 
 
 def test_a_killed_coordinator_resumes_and_ends_with_the_weights_of_an_uninterrupted_run(superlink, tmp_path, mlflow_uri):
@@ -127,9 +137,14 @@ def test_a_killed_coordinator_resumes_and_ends_with_the_weights_of_an_uninterrup
             except (OSError, ValueError, KeyError, EOFError):
                 pass  # caught between two rounds' writes? the rename makes that impossible, but be safe
         time.sleep(0.2)
-    thread.join(timeout=300)
-    assert killed and outcome["run"].status != "finished:completed"
+    assert killed
     checkpoint = next(iter(set(home.glob("checkpoints/*.npz")) - before))
+    # The operator stops the dead run (else the SuperLink waits out the coordinator's missed heartbeats)
+    dead_run = checkpoint.stem.removeprefix("run-")
+    subprocess.run(["flwr", "stop", dead_run, runner.connection(superlink)], env=superlink, capture_output=True,
+                   check=False, timeout=300)  # (it may have been marked failed already)
+    thread.join(timeout=300)
+    assert outcome["run"].status != "finished:completed", outcome["run"].status
 
     client = MlflowClient(mlflow_uri)
     killed_run = client.search_runs([client.get_experiment_by_name("killed").experiment_id])[0]
