@@ -18,13 +18,12 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import hardware, qc
+from client import qc
 from client.data.tabular import SiteDataError
 from client.ledger import Ledger, load_or_create_key
 from client.policy import SitePolicy, installed_app_hash
 from client.site import Site, fedhosp_home, resolve_site
 from client.tasks import task_for
-from client.train import TrainSettings
 from models.registry import model_hash
 
 log = logging.getLogger(__name__)
@@ -145,7 +144,6 @@ def _safe(handler):
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         try:
-            hardware.configure(dict(context.node_config))  # node config device / threads
             return handler(msg, context)
         except SiteDataError:
             raise
@@ -175,6 +173,8 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 @_safe
 def train(msg: Message, context: Context) -> Message:
+    from client.train import TrainSettings  # torch: imported by the messages that compute only
+
     task, site, data = _open(context, msg)
     cfg = msg.content["config"]
     model = task.build(data)

@@ -6,15 +6,14 @@ has it, else CPU), ``cpu`` or ``cuda``; ``threads`` = the CPU threads torch may
 use, by default what this process is given (``OMP_NUM_THREADS`` when the
 runtime sets it, as Ray does for each simulated node, else every CPU this
 process may run on). ``configure`` is the one place that sets torch's thread
-count; the ClientApp calls it before every message.
+count; a task calls it when it builds a model (a site-check message never
+imports torch).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
 
 from client.data.tabular import SiteDataError
 
@@ -49,9 +48,13 @@ def resolve(node_config: dict) -> Hardware:
     device = str(node_config.get("device", "auto") or "auto").lower()
     if device not in DEVICES:
         raise SiteDataError(f"{_who(node_config)}: node config device={device!r}; choose one of {list(DEVICES)}")
+    if device in ("auto", "cuda"):
+        import torch
+
+        cuda = torch.cuda.is_available()
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
+        device = "cuda" if cuda else "cpu"
+    elif device == "cuda" and not cuda:
         raise SiteDataError(f"{_who(node_config)}: node config device='cuda', but torch sees no CUDA device here")
     raw = node_config.get("threads", 0)
     try:
@@ -65,6 +68,8 @@ def resolve(node_config: dict) -> Hardware:
 
 def configure(node_config: dict) -> Hardware:
     """Resolve the node's hardware and set torch's CPU thread count from it (the one place that does)."""
+    import torch
+
     hardware = resolve(node_config)
     if torch.get_num_threads() != hardware.threads:
         torch.set_num_threads(hardware.threads)

@@ -10,20 +10,33 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from client import hardware, train as local
+import numpy as np
+
+from client import hardware
 from client.qc import Predictions
 from client.site import Site, fedhosp_home
 from models.registry import DEFAULT_MODEL, build_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from client import train as local
+
+
+def _local():
+    """The training loops (torch): imported by the messages that compute, not by the site check."""
+    from client import train
+
+    return train
 
 
 class OncologyTask:
     unit = "patients"
 
     def __init__(self, run_config: dict, node_config: dict):
+        self.node_config = node_config
         self.endpoint = str(run_config.get("endpoint", "survival"))
         self.model = str(run_config.get("model") or DEFAULT_MODEL["oncology"])
         self.seed = int(run_config.get("seed", 42))
@@ -50,19 +63,20 @@ class OncologyTask:
 
         return hashlib.sha256((site.folder / COHORT_FILE).read_bytes()).hexdigest()
 
-    def build(self, data) -> nn.Module:
+    def build(self, data) -> "nn.Module":
+        hardware.configure(self.node_config)  # threads (the tiny oncology models stay on the CPU)
         return build_model("oncology", self.model, endpoint=self.endpoint, num_features=len(data.features))
 
-    def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
-        return local.train_tabular(model, data.train, self.endpoint, cfg, server_round, site)
+    def train(self, model, data, cfg: "local.TrainSettings", server_round: int, site: str) -> dict[str, float]:
+        return _local().train_tabular(model, data.train, self.endpoint, cfg, server_round, site)
 
     def evaluate(self, model, data) -> dict[str, float]:
-        return local.evaluate_tabular(model, data.test, self.endpoint)
+        return _local().evaluate_tabular(model, data.test, self.endpoint)
 
     def predictions(self, model, data) -> Predictions:
         """The test split with the model's outputs, for validation (stays on the node)."""
         test = data.test
-        out = local.predict(model, test.x)
+        out = _local().predict(model, test.x)
         if self.endpoint == "survival":
             return Predictions("survival", out, test.time, test.event, groups=test.groups)
         return Predictions("response", 1.0 / (1.0 + np.exp(-out)), test.label, groups=test.groups)
@@ -78,7 +92,8 @@ class RadiologyTask:
         self.seed = int(run_config.get("seed", 42))
         cache = node_config.get("cache-dir")
         self.cache_dir = Path(str(cache)) if cache else None
-        self.device = hardware.resolve(node_config).device  # node config device: auto | cpu | cuda
+        self.node_config = node_config
+        self.device = "cpu"  # until build() resolves node config device (auto | cpu | cuda)
 
     def demo_site(self, pid: int, count: int) -> Site:
         from client.data import radiology_demo
@@ -100,18 +115,21 @@ class RadiologyTask:
     def fingerprint(self, site: Site, data) -> str:
         return data.fingerprint  # over the used files' content hashes and labels.csv
 
-    def build(self, data) -> nn.Module:
+    def build(self, data) -> "nn.Module":
+        self.device = hardware.configure(self.node_config).device  # node config device / threads
         return build_model("radiology", self.model, target=self.target, image_size=self.image_size)
 
-    def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
-        return local.train_images(model, data.train, dataclasses.replace(cfg, device=self.device), server_round, site)
+    def train(self, model, data, cfg: "local.TrainSettings", server_round: int, site: str) -> dict[str, float]:
+        return _local().train_images(model, data.train, dataclasses.replace(cfg, device=self.device), server_round, site)
 
     def evaluate(self, model, data) -> dict[str, float]:
-        return local.evaluate_images(model, data.test, self.target, self.device)
+        return _local().evaluate_images(model, data.test, self.target, self.device)
 
     def predictions(self, model, data) -> Predictions:
+        import torch
+
         test = data.test
-        prob = torch.softmax(torch.from_numpy(local.predict(model, test.images, device=self.device)), dim=1).numpy()
+        prob = torch.softmax(torch.from_numpy(_local().predict(model, test.images, device=self.device)), dim=1).numpy()
         score = prob[:, 1] if self.target == "referral" else prob
         return Predictions(self.target, score, test.labels, clusters=test.patients, groups=test.groups)
 

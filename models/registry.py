@@ -8,14 +8,15 @@ weights" checkable from logs on either side.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from models.oncology import ENDPOINTS, TabularNet
-from models.radiology import build_radiology_model
+if TYPE_CHECKING:  # torch is imported when a model is built: a site-check message never needs it
+    import torch
+    from torch import nn
 
 TASKS = ("oncology", "radiology")
 DEFAULT_MODEL = {"oncology": "linear", "radiology": "small-cnn"}
@@ -28,6 +29,11 @@ def build_model(task: str, model: str, *, endpoint: str = "survival", num_featur
     oncology: ``endpoint`` and ``num_features`` (from the sites' common schema);
     radiology: ``target`` and ``image_size``.
     """
+    import torch
+
+    from models.oncology import ENDPOINTS, TabularNet
+    from models.radiology import build_radiology_model
+
     torch.manual_seed(0)  # identical initial weights wherever the model is built
     if task == "oncology":
         if endpoint not in ENDPOINTS:
@@ -38,7 +44,7 @@ def build_model(task: str, model: str, *, endpoint: str = "survival", num_featur
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-def model_hash(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> str:
+def model_hash(arrays: Mapping[str, "np.ndarray | torch.Tensor"]) -> str:
     """SHA-256 over the weights, independent of where they were computed.
 
     Hashes, for each tensor in sorted name order: the name, dtype, shape and the
@@ -48,7 +54,8 @@ def model_hash(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(arrays):
         value = arrays[name]
-        if isinstance(value, torch.Tensor):
+        torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+        if torch is not None and isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
         value = np.ascontiguousarray(value)
         value = value.astype(value.dtype.newbyteorder("<"), copy=False)

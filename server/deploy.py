@@ -104,8 +104,11 @@ class Processes:
         return proc
 
     def stop(self) -> None:
-        for _, proc in reversed(self.started):
-            runner.stop_process_group(proc, grace=5.0)
+        """All at once (each SuperNode and the SuperLink take seconds to shut down gracefully), newest first."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, len(self.started))) as pool:
+            list(pool.map(lambda entry: runner.stop_process_group(entry[1], grace=5.0), reversed(self.started)))
         self.started.clear()
 
 
@@ -165,11 +168,12 @@ def site_env(base: dict[str, str], home: Path) -> dict[str, str]:
 
 @contextmanager
 def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], policies: dict[str, Path] | None = None,
-                 register: list[str] | None = None):
+                 register: list[str] | None = None, mlflow_server: bool = True):
     """Coordinator (MLflow server, SuperLink) plus one SuperNode per site; everything stopped on exit.
 
     ``register`` lists the sites whose keys the coordinator registers (default: all), so a test
-    can start a node the coordinator does not know.
+    can start a node the coordinator does not know. ``mlflow_server=False`` tracks to a SQLite file
+    instead (a test about the nodes, not the tracking server).
     """
     workdir = Path(workdir)
     base = runner.runtime_env()
@@ -181,12 +185,15 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
         # --- coordinator: MLflow server beside it, then the SuperLink -------------------------
         coordinator = site_env(base, workdir / "coordinator")
         mlflow_port = free_port()
-        backend = mlflow_backend(workdir, database=database_name(workdir))
-        log = workdir / "logs" / "mlflow.log"
-        proc = processes.start("mlflow", [
-            "mlflow", "server", "--backend-store-uri", backend,
-            "--artifacts-destination", str(workdir / "mlartifacts"),
-            "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], coordinator, log)
+        if mlflow_server:
+            backend = mlflow_backend(workdir, database=database_name(workdir))
+            log = workdir / "logs" / "mlflow.log"
+            proc = processes.start("mlflow", [
+                "mlflow", "server", "--backend-store-uri", backend,
+                "--artifacts-destination", str(workdir / "mlartifacts"),
+                "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], coordinator, log)
+        else:
+            backend = f"sqlite:///{workdir / 'mlflow.db'}"
         port = free_port()
         (workdir / "superlink").mkdir(parents=True, exist_ok=True)
         log_sl = workdir / "logs" / "superlink.log"
@@ -210,9 +217,10 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
             processes.start(f"supernode-{site}", supernode_command(
                 certs / "ca.crt", f"127.0.0.1:{port}", home / "keys" / "node_key", config, free_port()),
                 site_env(base, home), workdir / "logs" / f"supernode-{site}.log")
-        wait_until(lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"), "MLflow server", 120, proc, log)
-        yield Deployment(workdir, sites, port, f"http://127.0.0.1:{mlflow_port}", backend, coordinator, connection,
-                         processes, certs)
+        if mlflow_server:
+            wait_until(lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"), "MLflow server", 120, proc, log)
+        yield Deployment(workdir, sites, port, f"http://127.0.0.1:{mlflow_port}" if mlflow_server else backend,
+                         backend, coordinator, connection, processes, certs)
 
 
 def run_on(deployment: Deployment, app_dir: Path, run_config: dict, echo=None, timeout: float = 1800) -> runner.RunOutcome:

@@ -53,8 +53,29 @@ def test_an_oncology_train_or_evaluate_message_imports_neither_monai_mlflow_scip
         assert _imported(code) == [], kind
 
 
-def test_importing_the_client_app_loads_no_data_or_analysis_library():
-    assert _imported("import client.app", HEAVY + ("pandas",)) == []
+def test_importing_the_client_app_loads_no_data_or_analysis_library_nor_torch():
+    assert _imported("import client.app", HEAVY + ("pandas", "torch")) == []
+
+
+QUERY = """
+import time
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from client.app import app
+
+meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                created_at=time.time(), ttl=600.0, message_type="query")
+context = Context(run_id=1, node_id=7, node_config={{"site-name": "Sjælland", "data-dir": {folder!r}}},
+                  state=RecordDict(), run_config={{"task": "oncology", "endpoint": "survival", "seed": 42}})
+reply = app(Message(content=RecordDict({{"config": ConfigRecord({{"request": "describe"}})}}), metadata=meta), context)
+assert not reply.has_error(), reply.error
+assert reply.content["metrics"]["num-train"] > 0
+"""
+
+
+def test_a_site_check_message_never_imports_torch(tmp_path):
+    folder = tmp_path / "site"
+    demo.write_site(folder, demo.REGIONS[3])
+    assert _imported(QUERY.format(folder=str(folder)), HEAVY + ("torch",)) == []
 
 
 def test_the_server_app_loads_no_report_or_radiology_library_for_training():

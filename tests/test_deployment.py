@@ -45,7 +45,7 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
         d.processes.start("no-ca", supernode_command(other_ca, superlink, d.workdir / "sites" / names[0] / "keys" /
                                                      "node_key", "site-name='Impostor'", free_port()),
                           site_env(d.env, tmp_path / "no-ca"), logs["no-ca"])
-        outcome = run_on(d, APP_DIR, {"num-server-rounds": 1})
+        outcome = run_on(d, APP_DIR, {"num-server-rounds": 1, "local-epochs": 8})
         assert outcome.ok, outcome.log[-3000:]
 
         mlflow.set_tracking_uri(d.mlflow_uri)
@@ -166,7 +166,7 @@ def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it
     # SuperLink anyway (two missed 30 s heartbeats), so a larger timeout costs nothing there.
     round_timeout = max(30.0, 12 * cold_clientapp_seconds())
     hang = 20 * round_timeout  # only a hang is that slow
-    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs))) as d:
+    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)), mlflow_server=False) as d:
         result: dict = {}
         config = {"num-server-rounds": 3, "round-timeout": round_timeout, "min-train-nodes": 2, "local-epochs": 30}
         thread = threading.Thread(target=lambda: result.update(run=run_on(d, APP_DIR, config)))
