@@ -59,10 +59,10 @@ def _own_fedhosp_home(tmp_path, monkeypatch):
 # Heaviest first (seconds measured serially), so that two xdist workers share the long federations
 # evenly and the quick unit tests fill the gaps at the end; every worker collects the same order.
 WEIGHTS = {
-    "test_a_supernode_killed": 250, "test_tls_node_auth": 220, "test_a_killed_coordinator": 170,
-    "test_validation_verdicts_report": 145, "test_poisoned_updates": 140, "test_cross_site_matrix": 100,
-    "test_radiology_simulation": 95, "test_main_job": 80, "test_single_site_intervals": 60,
-    "test_bad_site_data": 50, "test_response_endpoint": 47, "test_an_oncology_train": 14,
+    "test_a_supernode_killed": 200, "test_a_killed_coordinator": 170, "test_validation_verdicts_report": 170,
+    "test_tls_node_auth": 150, "test_poisoned_updates": 140, "test_cross_site_matrix": 130,
+    "test_radiology_simulation": 90, "test_single_site_intervals": 63, "test_main_job": 60,
+    "test_response_endpoint": 47, "test_bad_site_data": 45, "test_densenet121": 17, "test_an_oncology_train": 14,
 }
 
 
