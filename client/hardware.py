@@ -74,3 +74,12 @@ def configure(node_config: dict) -> Hardware:
     if torch.get_num_threads() != hardware.threads:
         torch.set_num_threads(hardware.threads)
     return hardware
+
+
+def describe(node_config: dict | None = None) -> str:
+    """What a node with this node config computes on, in words (the benchmarks print it)."""
+    import torch
+
+    hardware = resolve(node_config or {})
+    name = torch.cuda.get_device_name(0) if hardware.device == "cuda" else "CPU"
+    return f"device {hardware.device} ({name}), {hardware.threads} torch threads, torch {torch.__version__}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -63,11 +62,11 @@ class OncologyTask:
 
         return hashlib.sha256((site.folder / COHORT_FILE).read_bytes()).hexdigest()
 
-    def build(self, data) -> "nn.Module":
+    def build(self, data) -> nn.Module:
         hardware.configure(self.node_config)  # threads (the tiny oncology models stay on the CPU)
         return build_model("oncology", self.model, endpoint=self.endpoint, num_features=len(data.features))
 
-    def train(self, model, data, cfg: "local.TrainSettings", server_round: int, site: str) -> dict[str, float]:
+    def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
         return _local().train_tabular(model, data.train, self.endpoint, cfg, server_round, site)
 
     def evaluate(self, model, data) -> dict[str, float]:
@@ -115,11 +114,11 @@ class RadiologyTask:
     def fingerprint(self, site: Site, data) -> str:
         return data.fingerprint  # over the used files' content hashes and labels.csv
 
-    def build(self, data) -> "nn.Module":
+    def build(self, data) -> nn.Module:
         self.device = hardware.configure(self.node_config).device  # node config device / threads
         return build_model("radiology", self.model, target=self.target, image_size=self.image_size)
 
-    def train(self, model, data, cfg: "local.TrainSettings", server_round: int, site: str) -> dict[str, float]:
+    def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
         return _local().train_images(model, data.train, dataclasses.replace(cfg, device=self.device), server_round, site)
 
     def evaluate(self, model, data) -> dict[str, float]:

@@ -44,7 +44,7 @@ def build_model(task: str, model: str, *, endpoint: str = "survival", num_featur
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-def model_hash(arrays: Mapping[str, "np.ndarray | torch.Tensor"]) -> str:
+def model_hash(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> str:
     """SHA-256 over the weights, independent of where they were computed.
 
     Hashes, for each tensor in sorted name order: the name, dtype, shape and the

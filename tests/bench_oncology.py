@@ -37,6 +37,7 @@ from rich.columns import Columns
 from rich.console import Console
 from rich.table import Table
 
+from client import hardware
 from client.data.demo import write_demo
 from client.data.tabular import SiteCohort, Split, load_cohort
 from client.train import evaluate_tabular
@@ -360,6 +361,7 @@ def main(
             console.print(Columns(tables, padding=(1, 4)))
     console.print()
     print(key_figures(results, seed))
+    print(f"nodes: {hardware.describe()} (oncology models train on the CPU)")
     print(f"(benchmark wall time {time.perf_counter() - started:.0f} s)")
     if any(f.error for r in results for f in r.federated):
         raise typer.Exit(1)

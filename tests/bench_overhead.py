@@ -67,6 +67,7 @@ if str(REPO) not in sys.path:  # `python tests/bench_overhead.py` puts tests/ fi
 
 import torch  # noqa: E402
 
+from client import hardware  # noqa: E402
 from server import runner  # noqa: E402
 from server.deploy import free_port  # noqa: E402
 
@@ -527,6 +528,7 @@ def report(results: list[Measurement], args: argparse.Namespace) -> None:
         wall = _median([m.wall_s for m in by_variant[v]])
         ratio = wall / plain if plain == plain and wall == wall else float("nan")
         print(f"ratio {v} / plain: {_f(ratio, 2)}  (+{_f(wall - plain)} s)")
+    print(f"nodes: {hardware.describe()}")
     print(f"torch.get_num_threads() = {torch.get_num_threads()}, os.cpu_count() = {os.cpu_count()}, "
           f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     left = sum(m.left_behind for m in results if m.variant != FEDHOSP_RUN)

@@ -45,6 +45,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from client import hardware
 from client.data.dicom import ImageSplit, RadiologySite, load_radiology_site
 from client.data.radiology_demo import write_radiology_demo
 from client.train import TrainSettings, evaluate_images, train_images
@@ -130,14 +131,15 @@ def pool(splits: list[ImageSplit]) -> ImageSplit:
 def train_central(train: ImageSplit, name: str, settings: RunSettings, epochs: int) -> tuple[torch.nn.Module, float]:
     """small-cnn with the nodes' initial weights, Adam, lr and batch size, for ``epochs`` epochs in one go."""
     model = build_model("radiology", MODEL, target=TARGET, image_size=IMAGE_SIZE)
-    cfg = TrainSettings(local_epochs=epochs, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)
+    cfg = TrainSettings(local_epochs=epochs, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
+                        device=hardware.resolve({}).device)
     started = time.perf_counter()
     train_images(model, train, cfg, 0, name)
     return model, time.perf_counter() - started
 
 
 def scores(model: torch.nn.Module, split: ImageSplit) -> dict[str, float]:
-    metrics = evaluate_images(model, split, TARGET)
+    metrics = evaluate_images(model, split, TARGET, hardware.resolve({}).device)
     return {m: metrics[m] for m in METRICS}
 
 
@@ -440,6 +442,7 @@ def main(
         console.print(table)
     console.print()
     print(key_figures(bench, seed))
+    print(f"nodes and central fits: {hardware.describe()}")
     print(f"(benchmark wall time {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores; 1-min load average "
           f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: timings are shared-machine timings)")
     if any(f.error for f in bench.federated):

@@ -55,6 +55,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from client import hardware  # noqa: E402
 from client.data.demo import write_demo  # noqa: E402
 from client.ledger import read_records  # noqa: E402
 from server import runner  # noqa: E402
@@ -411,6 +412,7 @@ def main(
     console.print()
     print(key_figures(results, honest, rounds, seed, reference, reference_run))
     print(f"processes left behind: {len(leftovers)}" + "".join(f"\n  {p}" for p in leftovers))
+    print(f"nodes: {hardware.describe()} (oncology models train on the CPU)")
     print(f"(benchmark wall time {time.perf_counter() - started:.0f} s)")
     unexpected = [r for r in results if not r.ok and r.spec.strategy not in EXPECTED_TO_FAIL]
     if unexpected or leftovers or not (on and on.round_ms) or math.isnan(reference):
