@@ -34,8 +34,7 @@ def run(
     from flwr.common.config import parse_config_args
 
     from server import runner
-    from server.progress import RunProgress, relevant_lines
-    from server.summary import find_summary, print_summary, summary_from_log
+    from server.progress import RunProgress
 
     env = runner.runtime_env()
     overrides = parse_config_args(run_config) if run_config else {}
@@ -45,11 +44,23 @@ def run(
     Path(env["FEDHOSP_HOME"]).mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]fedhosp[/]: {sites} simulated sites; FEDHOSP_HOME={env['FEDHOSP_HOME']}")
     try:
-        with runner.local_superlink(env), RunProgress(console, verbose, quiet, started) as shown:
-            outcome = runner.flwr_run(app_dir, env, overrides, sites, echo=shown)
+        with runner.local_superlink(env):
+            with RunProgress(console, verbose, quiet, started) as shown:
+                outcome = runner.flwr_run(app_dir, env, overrides, sites, echo=shown)
+            code = _report(outcome, env, uri, verbose)  # before the SuperLink's graceful stop (seconds)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: the local SuperLink was stopped")
         raise typer.Exit(130)
+    if code:
+        raise typer.Exit(code)
+
+
+def _report(outcome, env: dict[str, str], uri: str, verbose: bool) -> int:
+    """Print the run's outcome; the exit code: 0, 1 (did not complete), 3 (a validation's model failed)."""
+    from server import runner
+    from server.progress import relevant_lines
+    from server.summary import find_summary, print_summary, summary_from_log
+
     log_file = Path(env["FEDHOSP_HOME"]) / "logs" / f"run-{outcome.run_id}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_text(outcome.log, encoding="utf-8")
@@ -62,14 +73,13 @@ def run(
             for line in relevant_lines(outcome.log):
                 console.out(f"  | {line}", highlight=False)
         console.print(f"The run's whole log: {log_file}")
-        raise typer.Exit(1)
+        return 1
     summary = summary_from_log(outcome.log, outcome.run_id) or find_summary(uri, outcome.run_id)
     if summary is None:
         console.print(f"[red]Run {outcome.run_id} finished but no MLflow summary was found in {uri}[/]")
-        raise typer.Exit(1)
+        return 1
     print_summary(summary, console)
-    if summary.get("verdict") == "FAIL":  # a validation completed, and the model did not pass: gate on it
-        raise typer.Exit(3)
+    return 3 if summary.get("verdict") == "FAIL" else 0  # a validation completed, and the model did not pass
 
 
 @app.command("demo-data")

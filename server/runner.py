@@ -208,6 +208,7 @@ def submit(command: list[str], env: dict[str, str], connection_name: str, cwd: P
            timeout: float = 3600.0) -> RunOutcome:
     """Run a ``flwr run --stream`` command; then poll ``flwr ls`` until the run has a final status."""
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    _control_api()  # imported while `flwr run` starts, not after the run (the pipe holds its lines meanwhile)
     lines: list[str] = []
     run_id = None
     assert proc.stdout is not None
@@ -238,6 +239,17 @@ def submit(command: list[str], env: dict[str, str], connection_name: str, cwd: P
     return RunOutcome(run_id, status, text)
 
 
+def _control_api():
+    """Flower's Control API client pieces (about a second of imports, paid once per process)."""
+    from flwr.cli.flower_config import parse_superlink_connection
+    from flwr.cli.run_utils import format_runs
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
+
+    return parse_superlink_connection, format_runs, init_http_client_from_connection, run_from_proto, ListRunsRequest
+
+
 def run_status(run_id: int, env: dict[str, str], connection_name: str | None = None) -> str:
     """The run's status (``finished:completed``, ``running``, ...) as ``flwr ls`` reports it.
 
@@ -247,12 +259,8 @@ def run_status(run_id: int, env: dict[str, str], connection_name: str | None = N
     """
     import tomllib
 
-    from flwr.cli.flower_config import parse_superlink_connection
-    from flwr.cli.run_utils import format_runs
-    from flwr.cli.utils import init_http_client_from_connection
-    from flwr.common.serde import run_from_proto
-    from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
-
+    parse_superlink_connection, format_runs, init_http_client_from_connection, run_from_proto, ListRunsRequest = \
+        _control_api()
     name = connection_name or connection(env)
     config = tomllib.loads((Path(env["FLWR_HOME"]) / "config.toml").read_text(encoding="utf-8"))
     with contextlib.redirect_stdout(io.StringIO()):  # Flower's client announces "Using SuperLink: ..." every time
