@@ -18,6 +18,30 @@ from server.deploy import free_port
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
+# One ClientApp message handled in this interpreter, exactly as a SuperNode's fresh ClientApp process handles it
+# (format with folder, endpoint, features, kind): the cold-start tests read its sys.modules, the deployment test
+# times it.
+TRAIN_MESSAGE = """
+import time
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from client.app import app
+from models.registry import build_model
+
+def message(kind, content):
+    meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=kind)
+    return Message(content=content, metadata=meta)
+
+context = Context(run_id=1, node_id=7, node_config={{"site-name": "Sjælland", "data-dir": {folder!r}}},
+                  state=RecordDict(), run_config={{"task": "oncology", "endpoint": {endpoint!r}, "seed": 42}})
+net = build_model("oncology", "linear", endpoint={endpoint!r}, num_features={features})
+config = ConfigRecord({{"lr": 0.01, "local-epochs": 1, "local-steps": 0, "batch-size": 32, "seed": 42,
+                        "server-round": 1}})
+reply = app(message({kind!r}, RecordDict({{"arrays": ArrayRecord(net.state_dict()), "config": config}})), context)
+assert not reply.has_error(), reply.error
+"""
+
+
 def processes_mentioning(text: str) -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from client.data import demo
-from tests.conftest import APP_DIR
+from tests.conftest import APP_DIR, TRAIN_MESSAGE
 
 HEAVY = ("monai", "mlflow", "sklearn", "scipy", "matplotlib", "lifelines", "pydicom")
 
@@ -24,32 +24,13 @@ def _imported(code: str, watch=HEAVY) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-MESSAGE = """
-import time
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
-from client.app import app
-from models.registry import build_model
-
-def message(kind, content):
-    meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=600.0, message_type=kind)
-    return Message(content=content, metadata=meta)
-
-context = Context(run_id=1, node_id=7, node_config={{"site-name": "Sjælland", "data-dir": {folder!r}}},
-                  state=RecordDict(), run_config={{"task": "oncology", "endpoint": {endpoint!r}, "seed": 42}})
-net = build_model("oncology", "linear", endpoint={endpoint!r}, num_features={features})
-config = ConfigRecord({{"lr": 0.01, "local-epochs": 1, "local-steps": 0, "batch-size": 32, "seed": 42,
-                        "server-round": 1}})
-reply = app(message({kind!r}, RecordDict({{"arrays": ArrayRecord(net.state_dict()), "config": config}})), context)
-assert not reply.has_error(), reply.error
-"""
 
 
 def test_an_oncology_train_or_evaluate_message_imports_neither_monai_mlflow_scipy_nor_sklearn(tmp_path):
     folder = tmp_path / "site"
     demo.write_site(folder, demo.REGIONS[3])
     for kind in ("train", "evaluate"):
-        code = MESSAGE.format(folder=str(folder), endpoint="survival", features=len(demo.FEATURES), kind=kind)
+        code = TRAIN_MESSAGE.format(folder=str(folder), endpoint="survival", features=len(demo.FEATURES), kind=kind)
         assert _imported(code) == [], kind
 
 

@@ -21,7 +21,7 @@ from server import runner
 from server.credentials import make_node_key, make_tls
 from server.deploy import (deploy_local, drop_database, free_port, run_on, site_env, superlink_command,
                            supernode_command)
-from tests.conftest import APP_DIR
+from tests.conftest import APP_DIR, TRAIN_MESSAGE
 
 pytestmark = pytest.mark.timeout(900)
 COMPOSE = APP_DIR / "compose"
@@ -145,12 +145,14 @@ def test_compose_files_parse_and_use_the_local_deployments_flags_and_versions():
                 assert source.startswith(("/", "$", ".")) or source in spec["volumes"]
 
 
-def cold_clientapp_seconds() -> float:
-    """What one SuperNode message costs before any work, measured now: a fresh interpreter importing
-    Flower's ClientApp runtime and our ClientApp (a SuperNode starts one such process per message)."""
+def cold_train_message_seconds(site: Path) -> float:
+    """What one SuperNode training message costs here, now: a fresh interpreter that imports Flower's ClientApp
+    runtime and handles one train message with our ClientApp (a SuperNode starts one such process per message)."""
+    code = "import flwr.supernode.cli\n" + TRAIN_MESSAGE.format(folder=str(site), endpoint="survival",
+                                                                 features=len(demo.FEATURES), kind="train")
     started = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import flwr.supernode.cli, client.app"],
-                   cwd=APP_DIR, env=runner.runtime_env(), check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", code], cwd=APP_DIR, env=runner.runtime_env(), check=True, timeout=600,
+                   capture_output=True)
     return time.monotonic() - started
 
 
@@ -161,10 +163,11 @@ def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it
     dirs = demo.write_demo(tmp_path / "data", 3)
     names = [d.name for d in dirs]
     victim = names[2]
-    # The round timeout is derived from this machine's speed now: three nodes start a ClientApp process at
-    # once for every message, beside whatever else runs. Past about a minute a dead node is reported by the
-    # SuperLink anyway (two missed 30 s heartbeats), so a larger timeout costs nothing there.
-    round_timeout = max(30.0, 12 * cold_clientapp_seconds())
+    # The round timeout is derived from this machine's speed now (one cold train message, timed first): three
+    # nodes start such a process at once for every message, beside whatever else runs. It stays above the
+    # SuperLink's own verdict on a dead node (two missed 30 s heartbeats, at most a minute), since a node
+    # restarted before that verdict is refused.
+    round_timeout = max(90.0, 12 * cold_train_message_seconds(dirs[0]))
     hang = 20 * round_timeout  # only a hang is that slow
     with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)), mlflow_server=False) as d:
         result: dict = {}
