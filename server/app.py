@@ -35,6 +35,14 @@ def coordinator_key():
     return load_or_create_key(fedhosp_home() / "keys" / "coordinator_ed25519.pem")
 
 
+def log_summary(summary: dict) -> None:
+    """The run's last log line, which ``fedhosp run`` prints from (server/summary.py:summary_from_log).
+
+    Called only after the MLflow run was closed as FINISHED, so the line says so.
+    """
+    log(INFO, "fedhosp summary: %s", json.dumps({**summary, "mlflow_status": "FINISHED"}))
+
+
 def find_checkpoint(settings: RunSettings) -> ckpt.Checkpoint | None:
     """``resume-from``: a checkpoint file, or the MLflow run id whose checkpoint to continue."""
     if not settings.resume_from:
@@ -57,9 +65,8 @@ def validate(grid: Grid, context: Context, settings: RunSettings) -> None:
     ledger = Ledger(fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl", coordinator_key(),
                     {"role": "coordinator", "run_id": context.run_id})
     summary = run_validation(grid, context, settings, ledger)
-    summary["mlflow_status"] = "FINISHED"  # the MLflow run has just been closed so; `fedhosp run` reads this line
     log(INFO, "fedhosp validation: %s", json.dumps({k: summary[k] for k in ("verdict", "report", "drift")}))
-    log(INFO, "fedhosp summary: %s", json.dumps(summary))
+    log_summary(summary)
 
 
 @app.main()
@@ -152,5 +159,4 @@ def main(grid: Grid, context: Context) -> None:
         summary["ledger_head"] = ledger.head
         tracker.log_ledger(final=True)
         tracker.log_summary(summary)
-    summary["mlflow_status"] = "FINISHED"  # the MLflow run has just been closed so; `fedhosp run` reads this line
-    log(INFO, "fedhosp summary: %s", json.dumps(summary))
+    log_summary(summary)
