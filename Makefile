@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 export FEDHOSP_HOME ?= $(CURDIR)/.fedhosp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo test distclean bench bench-oncology bench-radiology bench-robustness bench-overhead deploy-local clean
+.PHONY: install system-deps demo test distclean bench bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis deploy-local clean
 SITES ?= 3
 ROUNDS ?= 3
 TASK ?= oncology
@@ -28,13 +28,18 @@ $(VENV_STORE)/.installed: pyproject.toml
 
 install: $(VENV_STORE)/.installed
 
+# Debian packages the suite needs: headless Chromium opens the analysis report (tests/test_analysis_federation.py).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
 demo: install
 	$(BIN)/fedhosp run --sites 5 $(ARGS)
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-oncology bench-radiology bench-robustness bench-overhead
+bench: bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis
 
 bench-oncology: install
 	$(BIN)/python tests/bench_oncology.py $(ARGS)
@@ -45,6 +50,10 @@ bench-radiology: install
 # One of five demo sites sends x1000-scaled updates: FedAvg with/without update validation vs Flower's robust strategies.
 bench-robustness: install
 	$(BIN)/python tests/bench_robustness.py $(ARGS)
+
+# Treatment-effect analysis: federated figures next to lifelines on the pooled rows (demo and GBSG2), wall time.
+bench-analysis: install
+	$(BIN)/python tests/bench_analysis.py $(ARGS)
 
 # The plainest Flower app of the same shape vs `flwr run .` vs `fedhosp run`: wall time and peak RSS.
 bench-overhead: install

@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import qc
@@ -29,6 +29,8 @@ from models.registry import model_hash
 log = logging.getLogger(__name__)
 FINGERPRINT = "fedhosp.data"
 MODEL_SPEC_KEYS = ("task", "endpoint", "target", "model", "image-size")
+ANALYSE = "query.analyse"
+ANALYSIS_STATE = "fedhosp.analysis"
 
 
 def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
@@ -42,6 +44,8 @@ def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
     entry = {"run_id": context.run_id, "site": site.name if site else None, "round": config.get("server-round"),
              "received": {"config": config}}
+    if "iteration" in config:
+        entry["iteration"] = config["iteration"]
     if "arrays" in msg.content.array_records:
         entry["received"]["model_hash"] = model_hash({k: a.numpy() for k, a in msg.content["arrays"].items()})
     others = {name: record for name, record in msg.content.array_records.items() if name != "arrays"}
@@ -54,7 +58,11 @@ def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
         ledger.append(f"{kind}-failed", {**entry, "reason": str(exc)})
         raise
     sent: dict = {}
-    if "metrics" in reply.content.metric_records:
+    if msg.metadata.message_type == ANALYSE:  # per-bin counts can be under min-cell: their digest, and the sums
+        from client.stats import ledger_view
+
+        sent = ledger_view(dict(reply.content["metrics"]))
+    elif "metrics" in reply.content.metric_records:
         metrics = dict(reply.content["metrics"])
         sent["num_examples"] = metrics.pop("num-examples", None)
         sent["metrics"] = metrics
@@ -72,9 +80,10 @@ def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
     site = _site(context, run_config=run_config)
     policy = SitePolicy.load(context.node_config.get("policy"), site.name)
     config = msg.content["config"] if "config" in msg.content.config_records else {}
-    policy.check_run(site.name, str(run_config.get("task", "oncology")),
-                     int(context.run_config.get("num-server-rounds", 0)), config.get("server-round"),
-                     installed_app_hash(__file__))
+    mode = str(run_config.get("mode", "train"))
+    rounds = 0 if mode == "analyse" else int(context.run_config.get("num-server-rounds", 0))  # analyses iterate
+    policy.check_run(site.name, str(run_config.get("task", "oncology")), rounds, config.get("server-round"),
+                     installed_app_hash(__file__), mode)
     return call_next(msg, context)
 
 
@@ -177,6 +186,8 @@ def train(msg: Message, context: Context) -> Message:
 
     task, site, data = _open(context, msg)
     cfg = msg.content["config"]
+    if cfg.get("objective") == "newton-cox":
+        return _newton_step(msg, data)
     model = task.build(data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     settings = TrainSettings(
@@ -193,6 +204,28 @@ def train(msg: Message, context: Context) -> Message:
     metrics["num-examples"] = len(data.train)
     reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
+
+
+def _newton_step(msg: Message, data) -> Message:
+    """``strategy = "newton"``: this stratum's Cox gradient and Hessian at the received linear weights (which go
+    back unchanged), and the sums that scale the penalty; no local training (server/newton.py:NewtonCox)."""
+    import numpy as np
+
+    from client.stats import efron
+
+    (_, weights), = msg.content["arrays"].items()
+    beta = weights.numpy().reshape(-1).astype(np.float64)
+    x = data.train.x.astype(np.float64)
+    if x.shape[1] != len(beta):
+        raise SiteDataError(f"site {data.site}: the linear Cox model has {len(beta)} weights; the site has "
+                            f"{x.shape[1]} features")
+    loglik, gradient, hessian = efron(x, data.train.time, data.train.event, beta)
+    newton = ArrayRecord({"gradient": Array(gradient), "hessian": Array(hessian), "loglik": Array(np.array([loglik])),
+                          "sum_x": Array(x.sum(axis=0)), "sum_x2": Array((x ** 2).sum(axis=0)),
+                          "n": Array(np.array([float(len(x))]))})
+    events = max(int(data.train.event.sum()), 1)
+    metrics = MetricRecord({"train_loss": -loglik / events, "num-examples": len(x)})
+    return Message(RecordDict({"arrays": msg.content["arrays"], "newton": newton, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -235,3 +268,32 @@ def validate(msg: Message, context: Context) -> Message:
     metrics["validate_seconds"] = time.perf_counter() - started
     metrics["num-examples"] = len(data.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("analyse")
+@_safe
+def analyse(msg: Message, context: Context) -> Message:
+    """Treatment-effect analysis (client/stats.py): counts per arm and bin, or Cox sums per model; never a row."""
+    import json
+
+    from client import stats
+
+    cfg = msg.content["config"]
+    site = _site(context)
+    policy = SitePolicy.load(context.node_config.get("policy"), site.name)
+    split = lambda text: [c for c in str(text).split(",") if c]  # noqa: E731
+    treatment, subgroups = str(cfg["treatment"]), split(cfg["subgroups"])
+    data = stats.load_analysis_data(site.folder, site.name, treatment, split(cfg["covariates"]), subgroups)
+    policy.check_examples(site.name, len(data), "patients", "analyse")
+    context.state[FINGERPRINT] = ConfigRecord({"data-fingerprint": stats.fingerprint(site.folder)})
+    min_cell = int(cfg["min-cell"])
+    if cfg["step"] == "describe":
+        metrics = stats.describe(data, subgroups, float(cfg["km-bin"]), min_cell)
+    else:
+        # the iterations this node answered in this run, kept in its own memory (not the coordinator's word)
+        answered = int(context.state[ANALYSIS_STATE]["iterations"]) if ANALYSIS_STATE in context.state else 0
+        policy.check_analysis_iteration(site.name, answered + 1)
+        context.state[ANALYSIS_STATE] = ConfigRecord({"iterations": answered + 1})
+        metrics = stats.cox_sums(data, json.loads(str(cfg["fits"])), min_cell)
+    reply = RecordDict({"site": ConfigRecord({"site-name": site.name}), "metrics": MetricRecord(metrics)})
+    return Message(reply, reply_to=msg)

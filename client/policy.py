@@ -15,6 +15,7 @@ from pathlib import Path
 from client.data.tabular import SiteDataError
 
 DEFAULT_MIN_EXAMPLES = 20
+DEFAULT_MAX_ANALYSIS_ITERATIONS = 25  # each Newton iteration of an analysis is a query of the site's data
 
 
 class PolicyRefusal(SiteDataError):
@@ -27,6 +28,8 @@ class SitePolicy:
     max_rounds: int = 0  # 0: no limit
     min_examples: int = DEFAULT_MIN_EXAMPLES
     app_hashes: tuple[str, ...] = ()  # empty: any app
+    modes: tuple[str, ...] = ()  # empty: every mode (train, validate, cross-site, analyse)
+    max_analysis_iterations: int = DEFAULT_MAX_ANALYSIS_ITERATIONS
 
     @classmethod
     def load(cls, path: str | Path | None, site: str) -> "SitePolicy":
@@ -36,15 +39,21 @@ class SitePolicy:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise PolicyRefusal(f"site {site}: policy file cannot be read ({type(exc).__name__}); refusing all work") from None
-        unknown = set(raw) - {"tasks", "max-rounds", "min-examples", "allowed-app-hashes"}
+        unknown = set(raw) - {"tasks", "max-rounds", "min-examples", "allowed-app-hashes", "modes",
+                              "max-analysis-iterations"}
         if unknown:
             raise PolicyRefusal(f"site {site}: policy file has unknown keys {sorted(unknown)}; refusing all work")
         return cls(tuple(raw.get("tasks", ())), int(raw.get("max-rounds", 0)),
                    int(raw.get("min-examples", DEFAULT_MIN_EXAMPLES)),
-                   tuple(str(h).lower() for h in raw.get("allowed-app-hashes", ())))
+                   tuple(str(h).lower() for h in raw.get("allowed-app-hashes", ())),
+                   tuple(str(m) for m in raw.get("modes", ())),
+                   int(raw.get("max-analysis-iterations", DEFAULT_MAX_ANALYSIS_ITERATIONS)))
 
-    def check_run(self, site: str, task: str, num_rounds: int, server_round: int | None, app_hash: str | None) -> None:
-        """Rules that need no data: task, rounds, app."""
+    def check_run(self, site: str, task: str, num_rounds: int, server_round: int | None, app_hash: str | None,
+                  mode: str = "train") -> None:
+        """Rules that need no data: mode, task, rounds, app."""
+        if self.modes and mode not in self.modes:
+            raise PolicyRefusal(f"site {site}: policy refuses mode '{mode}' (accepts {', '.join(self.modes)})")
         if self.tasks and task not in self.tasks:
             raise PolicyRefusal(f"site {site}: policy refuses task '{task}' (accepts {', '.join(self.tasks)})")
         if self.max_rounds and max(num_rounds, server_round or 0) > self.max_rounds:
@@ -56,6 +65,11 @@ class SitePolicy:
             if not app_hash or not any(h.startswith(app_hash.lower()) for h in self.app_hashes):
                 raise PolicyRefusal(f"site {site}: policy refuses app {app_hash or 'of unknown hash'} "
                                     "(not in allowed-app-hashes)")
+
+    def check_analysis_iteration(self, site: str, iteration: int) -> None:
+        if iteration > self.max_analysis_iterations:
+            raise PolicyRefusal(f"site {site}: policy refuses more than {self.max_analysis_iterations} Newton "
+                                "iterations of one analysis (each is a query of its data)")
 
     def check_examples(self, site: str, count: int, unit: str, work: str = "train on") -> None:
         if count < self.min_examples:

@@ -69,9 +69,23 @@ def validate(grid: Grid, context: Context, settings: RunSettings) -> None:
     log_summary(summary)
 
 
+def analyse(grid: Grid, context: Context, settings: RunSettings) -> None:
+    """``mode = analyse`` (server/analyse.py): the treatment's effect, overall and per subgroup."""
+    from server.analyse import run_analysis  # SciPy, statsmodels, the report: a training run never pays for them
+
+    ledger = Ledger(fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl", coordinator_key(),
+                    {"role": "coordinator", "run_id": context.run_id})
+    summary = run_analysis(grid, context, settings, ledger)
+    log(INFO, "fedhosp analysis: %s", summary["sentence"])
+    log_summary(summary)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
+    if settings.mode == "analyse":
+        analyse(grid, context, settings)
+        return
     if settings.mode != "train":
         validate(grid, context, settings)
         return
@@ -141,10 +155,19 @@ def main(grid: Grid, context: Context) -> None:
         strategy = ReportingStrategy(inner, names, on_round, ledger, {s.name: s.num_train for s in sites.values()},
                                      settings.validation(), settings.min_train_nodes, round_offset=offset)
         try:
-            strategy.start(
-                grid, ArrayRecord(model.state_dict()), num_rounds=settings.num_server_rounds - offset,
-                timeout=settings.round_timeout, train_config=train_config, evaluate_config=ConfigRecord({}),
-            )
+            start = dict(timeout=settings.round_timeout, train_config=train_config, evaluate_config=ConfigRecord({}))
+            if settings.strategy == "newton":  # a round at a time: the exact fit stops once it has converged
+                arrays = ArrayRecord(model.state_dict())
+                for done in range(settings.num_server_rounds - offset):
+                    strategy.offset = offset + done
+                    strategy.start(grid, arrays, num_rounds=1, **start)
+                    arrays = strategy.global_arrays
+                    if inner.converged:
+                        log(INFO, "fedhosp: the Newton fit converged after %d rounds", offset + done + 1)
+                        break
+            else:
+                strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=settings.num_server_rounds - offset,
+                               **start)
             if not resume and all(r.skipped for r in tracker.rounds):
                 raise FederationError("no round produced an aggregated model (see failures/ and rejected/ in MLflow)")
         except Exception as exc:

@@ -174,6 +174,47 @@ def reconcile_validation(coordinator: list[dict], sites: list[list[dict]]) -> li
     return problems
 
 
+def reconcile_analysis(coordinator: list[dict], sites: list[list[dict]]) -> list[str]:
+    """An analysis: the digest of every reply each site says it sent (describe, each Newton iteration) is the one
+    the coordinator recorded, and the Cox sums are equal."""
+    recorded: dict[tuple[str, int | None], dict[str, dict]] = {}
+    for r in coordinator:
+        if r["event"] == "analysis-describe":
+            recorded[("describe", None)] = r["data"]["sites"]
+        elif r["event"] == "analysis-iteration":
+            recorded[("newton", int(r["data"]["iteration"]))] = r["data"]["sites"]
+    if not recorded:
+        return []
+    problems, covered, sent = [], set(), {}
+    for site_records in sites:
+        covered.add(next((r["data"].get("site") for r in site_records if r["event"] == "ledger-open"), None))
+        for r in site_records:
+            if r["event"] == "query-analyse":
+                step = r["data"]["received"]["config"].get("step")
+                iteration = r["data"].get("iteration")
+                sent[(step, None if iteration is None else int(iteration), r["data"]["site"])] = r["data"]["sent"]
+    for (step, iteration, site), view in sorted(sent.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        what = "describe" if step == "describe" else f"iteration {iteration}"
+        theirs = recorded.get((step, iteration), {}).get(site)
+        if theirs is None:
+            problems.append(f"{site}: the site sent its analysis {what} but the coordinator recorded none")
+        elif theirs.get("digest") != view.get("digest") or not _same_tree(theirs.get("sums"), view.get("sums")):
+            problems.append(f"{site}: the analysis {what} the site sent differs from the coordinator's record")
+    for (step, iteration), by_site in sorted(recorded.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        for site in sorted(set(by_site) & covered):
+            if (step, iteration, site) not in sent:
+                problems.append(f"{site}: the coordinator recorded an analysis "
+                                f"{'describe' if step == 'describe' else f'iteration {iteration}'} "
+                                "that the site never sent")
+    return problems
+
+
+def _same_tree(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(_same_tree(a[k], b[k]) for k in a)
+    return _same(a, b)
+
+
 @audit_app.command()
 def reconcile(
     coordinator_ledger: Path = typer.Argument(..., exists=True, dir_okay=False),
@@ -181,7 +222,8 @@ def reconcile(
 ) -> None:
     """Every update a site says it sent matches the coordinator's record, and vice versa. Exit 1 on any mismatch."""
     coordinator, sites = read_records(coordinator_ledger), [read_records(p) for p in site_ledgers]
-    problems = reconcile_ledgers(coordinator, sites) + reconcile_validation(coordinator, sites)
+    problems = (reconcile_ledgers(coordinator, sites) + reconcile_validation(coordinator, sites)
+                + reconcile_analysis(coordinator, sites))
     if problems:
         console.print(f"[red bold]MISMATCH[/]: {len(problems)} problem(s)")
         for line in problems:

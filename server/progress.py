@@ -58,6 +58,8 @@ def describe(event: dict) -> str:
         return text
     if kind == "validation":
         return f"validating at {event.get('sites')} sites"
+    if kind == "analysis":
+        return f"Newton iteration {event.get('iteration')} · {event.get('models')} Cox models still moving"
     return str(event)
 
 

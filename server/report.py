@@ -218,7 +218,7 @@ def render_report(result: dict) -> str:
     flags, no_flags = _drift(result)
     verdict = str(result.get("verdict") or "NO RESULT")
     return _TEMPLATE.render(
-        r=result, model=model, criteria=criteria, metrics=metrics, min_cell=min_cell,
+        style=STYLE, r=result, model=model, criteria=criteria, metrics=metrics, min_cell=min_cell,
         short_hash=full_hash[:12] + ("…" if len(full_hash) > 12 else ""), full_hash=full_hash,
         verdict=verdict, verdict_class=_VERDICT_CLASS.get(verdict, "none"), rules=_rule_rows(criteria),
         sites=[_site_view(name, s or {}, metrics, min_cell, True) for name, s in sites.items()],
@@ -226,11 +226,11 @@ def render_report(result: dict) -> str:
         confidence=f"{float(result.get('confidence') or 0.95) * 100:g}%", threshold=_num(model.get("threshold")))
 
 
-def write_report(result: dict, path: Path) -> Path:
+def write_report(result: dict, path: Path, html: str | None = None) -> Path:
     """Atomic so a crash or a concurrent MLflow upload never sees half a report."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    html = render_report(result)
+    html = render_report(result) if html is None else html
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -244,10 +244,8 @@ def write_report(result: dict, path: Path) -> Path:
     return path
 
 
-_TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ r.title or "fedhosp validation report" }}</title>
-<style>
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+# One look for every fedhosp report (validation, analysis).
+STYLE = """body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f4f4f4} td.num{text-align:right;white-space:nowrap} .muted{color:#666;font-size:.9em}
@@ -256,7 +254,11 @@ th{background:#f4f4f4} td.num{text-align:right;white-space:nowrap} .muted{color:
 span.pass,span.fail,span.none{padding:.1em .4em;border-radius:3px;font-weight:bold} .error{color:#b71c1c}
 td.diag{background:#fff5cc;font-weight:bold} tr.suppressed td{color:#888;font-style:italic} img{max-width:100%}
 .plots{display:flex;flex-wrap:wrap;gap:1em}
-</style></head><body>
+"""
+
+_TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ r.title or "fedhosp validation report" }}</title>
+<style>{{ style | safe }}</style></head><body>
 <h1>{{ r.title or "fedhosp validation report" }}</h1>
 <p class="muted">Created {{ r.created or "n/a" }} · mode {{ r.mode or "validate" }} · Flower run {{ r.flwr_run_id or "n/a" }} · MLflow run <code>{{ r.mlflow_run_id or "n/a" }}</code></p>
 <table>

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, fields
 
-MODES = ("train", "validate", "cross-site")
+MODES = ("train", "validate", "cross-site", "analyse")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
-              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "newton")
 # What an empty model, lr = 0 or batch-size = 0 in the run config stand for, per task:
 # a Cox loss needs large batches (risk sets); the image CNN diverges at the Cox learning rate.
 TASK_DEFAULTS = {
@@ -51,6 +51,11 @@ class RunSettings:
     criteria: str = ""
     min_cell: int = 10
     bootstrap_samples: int = 1000
+    treatment: str = "treatment"
+    covariates: str = ""
+    subgroups: str = ""
+    km_bin: float = 30.0
+    penalizer: float = 0.01
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunSettings":
@@ -90,6 +95,21 @@ class RunSettings:
             raise ValueError(f"run-config mode={self.mode!r}; choose one of {MODES}")
         if self.mode == "validate" and not self.model_uri:
             raise ValueError("run-config mode='validate' needs model-uri (models:/<name>/<version> or a model file)")
+        if self.mode == "analyse":
+            if self.task != "oncology":
+                raise ValueError("run-config mode='analyse' is for task='oncology' (a cohort.csv with time and event)")
+            if not self.treatment:
+                raise ValueError("run-config mode='analyse' needs treatment (the 0/1 column to compare)")
+            if self.treatment in self.covariate_list + self.subgroup_list:
+                raise ValueError(f"run-config treatment '{self.treatment}' cannot also be a covariate or a subgroup")
+            if self.km_bin <= 0:
+                raise ValueError("run-config km-bin must be positive (the width of a Kaplan-Meier time bin)")
+        if self.strategy == "newton" and self.mode == "train" and (
+                self.task, self.endpoint, self.model) != ("oncology", "survival", "linear"):
+            raise ValueError("run-config strategy='newton' fits the linear Cox model: it needs task='oncology', "
+                             "endpoint='survival', model='linear'")
+        if self.penalizer < 0:
+            raise ValueError("run-config penalizer must not be negative")
         if self.min_cell < 1:
             raise ValueError("run-config min-cell must be at least 1")
         if self.bootstrap_samples < 0:
@@ -106,6 +126,14 @@ class RunSettings:
             raise ValueError("run-config trim-beta must be in [0, 0.5)")
         if self.batch_size < 2:
             raise ValueError("run-config batch-size must be at least 2 (a Cox risk set needs pairs)")
+
+    @property
+    def covariate_list(self) -> list[str]:
+        return [c.strip() for c in self.covariates.split(",") if c.strip()]
+
+    @property
+    def subgroup_list(self) -> list[str]:
+        return [c.strip() for c in self.subgroups.split(",") if c.strip()]
 
     def validation(self):
         from server.validation import ValidationSettings

@@ -61,6 +61,10 @@ def build_strategy(settings: RunSettings, num_sites: int, num_nodes: int | None 
                          num_nodes_to_select=settings.num_nodes_to_select, **common)
     if name == "bulyan":
         return Bulyan(num_malicious_nodes=settings.num_malicious_nodes, **common)
+    if name == "newton":  # exact Newton steps of the linear Cox model (server/newton.py)
+        from server.newton import NewtonCox
+
+        return NewtonCox(penalizer=settings.penalizer, **common)
     # Server-side optimisers: eta is the server learning rate, eta_l the clients'.
     optimisers = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
     return optimisers[name](eta=settings.server_lr, eta_l=settings.lr, **common)

@@ -107,7 +107,53 @@ def print_validation(summary: dict, console: Console) -> None:
     console.print(f"Open the UI     : [bold]{ui_command(summary['tracking_uri'])}[/]")
 
 
+def _p(value) -> str:
+    return "–" if value is None or value != value else ("< 0.001" if value < 0.001 else f"{value:.3f}")
+
+
+def print_analysis(summary: dict, console: Console) -> None:
+    """The treatment's effect, every Cox term, the log-rank test and the subgroups (no count below min-cell)."""
+    cox = summary["cox"]
+    table = Table(title=f"fedhosp analysis {summary['flwr_run_id']}: Cox model stratified by site "
+                        f"({cox['sites']} sites, {cox['iterations']} Newton iterations)")
+    for column in ("term", "HR", "95% CI", "p"):
+        table.add_column(column, justify="left" if column == "term" else "right")
+    for name, term in cox["terms"].items():
+        table.add_row(name, f"{term['hr']:.3f}", f"{term['hr_low']:.3f}–{term['hr_high']:.3f}", _p(term["p"]))
+    console.print(table)
+    groups = Table(title="treatment's HR per subgroup level")
+    for column in ("subgroup", "HR", "95% CI", "interaction p (LR)", "Holm"):
+        groups.add_column(column, justify="left" if column == "subgroup" else "right")
+    for column, levels in summary["subgroups"].items():
+        for level, figure in levels.items():
+            if level.startswith("interaction"):
+                continue
+            if figure == "suppressed" or "hr" not in figure:
+                groups.add_row(f"{column} = {level}", "suppressed" if figure == "suppressed" else "not estimable",
+                               "", "", "")
+            else:
+                groups.add_row(f"{column} = {level}", f"{figure['hr']:.3f}",
+                               f"{figure['hr_low']:.3f}–{figure['hr_high']:.3f}", "", "")
+        groups.add_row(f"[bold]{column}[/] × treatment", "", "", _p(levels.get("interaction_p")),
+                       _p(levels.get("interaction_p_holm")))
+    if summary["subgroups"]:
+        console.print(groups)
+    logrank = summary["logrank"]
+    console.print(f"Log-rank        : chi2 {logrank['chi2']:.2f} (1 df, stratified by site), p {_p(logrank['p'])}")
+    for arm, median in sorted(summary.get("medians", {}).items()):
+        value = "not reached" if median["value"] is None else f"{median['value']:g}"
+        console.print(f"Median, arm {arm}  : {value}")
+    console.print(f"[bold]{summary['sentence']}[/]")
+    console.print(f"Report          : {summary['report']}")
+    console.print(f"MLflow run      : {summary['mlflow_run_id']} (experiment '{summary['experiment']}', "
+                  f"status {summary.get('mlflow_status', '?')})")
+    console.print(f"Open the UI     : [bold]{ui_command(summary['tracking_uri'])}[/]")
+
+
 def print_summary(summary: dict, console: Console) -> None:
+    if summary.get("mode") == "analyse":
+        print_analysis(summary, console)
+        return
     if summary.get("mode", "train") != "train":
         print_validation(summary, console)
         return

@@ -364,3 +364,52 @@ class ValidationTracker(_OpenRun):
                 "fedhosp.validation.drift": "; ".join(result["drift"]["flags"])[:4000] or "none"}
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
+
+
+class AnalysisTracker(_OpenRun):
+    """One MLflow run per treatment-effect analysis: the headline figures as metrics, analysis.json, the report."""
+
+    def __init__(self, settings: RunSettings, flwr_run_id: int, ledger: Ledger):
+        self.settings, self.flwr_run_id, self.ledger = settings, flwr_run_id, ledger
+        self.uri = tracking_uri(settings)
+        self.run_id = ""
+
+    def __enter__(self) -> "AnalysisTracker":
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        experiment = _experiment_id(self.client, self.uri, self.settings.mlflow_experiment)
+        run = mlflow.start_run(experiment_id=experiment, run_name=f"analyse-flwr-{self.flwr_run_id}",
+                               tags={FLWR_RUN_TAG: str(self.flwr_run_id), "fedhosp.mode": "analyse",
+                                     "fedhosp.task": "oncology", "fedhosp.treatment": self.settings.treatment})
+        self.run_id = run.info.run_id
+        mlflow.log_params(self.settings.as_params())
+        return self
+
+    def log(self, result: dict, report: Path) -> str:
+        """``treatment/*``, ``logrank/*``, ``subgroup/<column>/<level>/hr*`` and ``subgroup/<column>/interaction_p``
+        (MLflow refuses "=" in a metric name, so a level is a path part); the result and report as artifacts."""
+        metrics: dict[str, float] = {}
+
+        def put(key: str, value) -> None:
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                metrics[mlflow_name(key)] = float(value)
+
+        term = result["cox"]["terms"][result["treatment"]]
+        for key in ("hr", "hr_low", "hr_high", "p", "coef", "se"):
+            put(f"treatment/{key}", term[key])
+        put("treatment/sites", result["cox"]["sites"])
+        put("treatment/iterations", result["cox"]["iterations"])
+        for key in ("chi2", "p"):
+            put(f"logrank/{key}", result["logrank"][key])
+        for column, levels in result["subgroups"].items():
+            for level, figure in levels.items():
+                if isinstance(figure, dict) and "hr" in figure:
+                    for key in ("hr", "hr_low", "hr_high"):
+                        put(f"subgroup/{column}/{level}/{key}", figure[key])
+            put(f"subgroup/{column}/interaction_p", levels.get("interaction_p"))
+            put(f"subgroup/{column}/interaction_p_holm", levels.get("interaction_p_holm"))
+        mlflow.log_metrics(metrics, step=0)
+        mlflow.log_dict(result, "analysis.json")
+        mlflow.log_text(report.read_text(encoding="utf-8"), "report/analysis.html")
+        self.log_ledger()
+        return mlflow.get_artifact_uri("report/analysis.html")

@@ -32,7 +32,10 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
     names = [d.name for d in dirs]
     policy = tmp_path / "policy.toml"
     policy.write_text('tasks = ["radiology"]\n')  # this hospital does not take part in oncology
-    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)), policies={"Syddanmark": policy}) as d:
+    capped = tmp_path / "capped.toml"
+    capped.write_text("max-analysis-iterations = 2\n")  # this one answers two Newton iterations of an analysis
+    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)),
+                      policies={"Syddanmark": policy, "Midtjylland": capped}) as d:
         assert d.backend.startswith("postgresql")
         superlink = f"127.0.0.1:{d.superlink_port}"
         # a node whose key the coordinator never registered, and one that does not trust the coordinator's CA
@@ -69,6 +72,17 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
         assert tags["fedhosp.validation.report"].startswith("mlflow-artifacts:")
         report = Path(mlflow.artifacts.download_artifacts(tags["fedhosp.validation.report"])).read_text(encoding="utf-8")
         assert "site Syddanmark: policy refuses task &#39;oncology&#39;" in report and "Hovedstaden" in report
+
+        # an analysis whose fit needs more Newton iterations than Midtjylland answers: the fit stops there, the
+        # run is FAILED (a sum without that site would be a wrong answer), and Syddanmark's refusal is no failure
+        analysis = run_on(d, APP_DIR, {"mode": "analyse", "covariates": "age,stage,ecog", "subgroups": "mutation"})
+        assert not analysis.ok
+        reason = runner.failure_reason(analysis.log)
+        assert reason.startswith("site Midtjylland failed during the Cox fit (iteration 3): site Midtjylland: policy "
+                                 "refuses more than 2 Newton iterations"), reason
+        [failed] = client.search_runs([client.get_experiment_by_name("fedhosp").experiment_id],
+                                      filter_string="tags.`fedhosp.mode` = 'analyse'")
+        assert failed.info.status == "FAILED"
 
     # MLflow's backend store really is PostgreSQL
     conn = psycopg2.connect(d.backend.replace("+psycopg2", ""))

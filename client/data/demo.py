@@ -1,11 +1,15 @@
 """Synthetic regional oncology cohorts with known effects, for demos and tests.
 
 Each region differs in size, case mix (age, stage, ECOG, biomarker, treatment
-rate), baseline hazard and follow-up, so the federation is non-IID the way real
-regions are. Survival times are drawn from a Weibull proportional-hazards model
-with the coefficients in ``TRUE_LOG_HR`` (per natural unit), so a fitted model
-can be checked against the truth. Treatment response is drawn from a logistic
-model with ``TRUE_RESPONSE_LOGIT``. Output depends only on the seed.
+rate), baseline hazard, follow-up and share of ``mutation`` carriers, so the federation
+is non-IID the way real regions are. Survival times are drawn from a Weibull
+proportional-hazards model with the coefficients in ``TRUE_LOG_HR`` (per natural
+unit) plus the treatment's effect, which lives only in carriers of the targeted
+therapy's marker (``TRUE_TREATMENT_LOG_HR``: log HR −0.9 in carriers, 0 in
+non-carriers), so an analysis can be checked against the truth and must find
+the patients who respond. Follow-up is recorded in whole days. Treatment
+response is drawn from a logistic model with ``TRUE_RESPONSE_LOGIT``. Output
+depends only on the seed.
 """
 
 from __future__ import annotations
@@ -19,8 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-FEATURES = ("age", "sex", "stage", "ecog", "biomarker", "treatment")
-TRUE_LOG_HR = {"age": 0.03, "sex": 0.2, "stage": 0.5, "ecog": 0.4, "biomarker": 0.6, "treatment": -0.5}
+FEATURES = ("age", "sex", "stage", "ecog", "biomarker", "mutation", "treatment")
+# Main effects per natural unit; the treatment has none of its own: its effect depends on the marker.
+TRUE_LOG_HR = {"age": 0.03, "sex": 0.2, "stage": 0.5, "ecog": 0.4, "biomarker": 0.6, "mutation": 0.0,
+               "treatment": 0.0}
+# The treatment's log hazard ratio by mutation status: a targeted drug works only in carriers.
+TRUE_TREATMENT_LOG_HR = {0: 0.0, 1: -0.9}
+DAYS_PER_MONTH = 30.4375
 TRUE_RESPONSE_LOGIT = {"intercept": 0.8, "age": -0.02, "stage": -0.5, "biomarker": -0.8, "treatment": 1.2}
 
 
@@ -35,14 +44,15 @@ class Region:
     baseline_scale: float  # Weibull scale of the baseline hazard, months
     shape: float  # Weibull shape
     follow_up: float  # administrative censoring, months
+    mutation_rate: float = 0.3  # share of carriers of the targeted therapy's marker
 
 
 REGIONS = (
-    Region("Hovedstaden", 900, 64.0, (0.30, 0.30, 0.25, 0.15), 0.0, 0.55, 60.0, 1.2, 60.0),
-    Region("Midtjylland", 700, 66.0, (0.25, 0.30, 0.28, 0.17), 0.2, 0.50, 55.0, 1.1, 54.0),
-    Region("Syddanmark", 650, 67.0, (0.20, 0.30, 0.30, 0.20), 0.3, 0.45, 50.0, 1.3, 48.0),
-    Region("Sjælland", 400, 68.0, (0.18, 0.27, 0.32, 0.23), 0.4, 0.40, 45.0, 1.0, 48.0),
-    Region("Nordjylland", 300, 70.0, (0.15, 0.25, 0.35, 0.25), 0.5, 0.35, 40.0, 1.15, 42.0),
+    Region("Hovedstaden", 900, 64.0, (0.30, 0.30, 0.25, 0.15), 0.0, 0.55, 60.0, 1.2, 60.0, 0.33),
+    Region("Midtjylland", 700, 66.0, (0.25, 0.30, 0.28, 0.17), 0.2, 0.50, 55.0, 1.1, 54.0, 0.30),
+    Region("Syddanmark", 650, 67.0, (0.20, 0.30, 0.30, 0.20), 0.3, 0.45, 50.0, 1.3, 48.0, 0.28),
+    Region("Sjælland", 400, 68.0, (0.18, 0.27, 0.32, 0.23), 0.4, 0.40, 45.0, 1.0, 48.0, 0.25),
+    Region("Nordjylland", 300, 70.0, (0.15, 0.25, 0.35, 0.25), 0.5, 0.35, 40.0, 1.15, 42.0, 0.35),
 )
 
 
@@ -63,6 +73,7 @@ def regions(n: int, seed: int = 42) -> list[Region]:
                 float(base.baseline_scale * rng.uniform(0.8, 1.2)),
                 base.shape,
                 base.follow_up,
+                base.mutation_rate,
             )
         )
     return out
@@ -84,10 +95,15 @@ def cohort(region: Region, seed: int = 42, shift: float = 0.0) -> pd.DataFrame:
     ecog = rng.choice([0, 1, 2], size=n, p=[0.5, 0.35, 0.15])
     biomarker = rng.normal(region.biomarker_mean, 1.0, n).round(3)
     treatment = (rng.random(n) < region.treated).astype(int)
-    x = {"age": age, "sex": sex, "stage": stage, "ecog": ecog, "biomarker": biomarker, "treatment": treatment}
+    # the marker from its own stream, so that adding it left every other column as it was
+    mutation = (np.random.default_rng([seed, zlib.crc32(region.name.encode()), 2]).random(n)
+                < region.mutation_rate).astype(int)
+    x = {"age": age, "sex": sex, "stage": stage, "ecog": ecog, "biomarker": biomarker, "mutation": mutation,
+         "treatment": treatment}
 
     # Centre the natural-unit predictor so baseline scales stay interpretable.
     lp = sum(TRUE_LOG_HR[f] * (x[f] - _CENTRE[f]) for f in FEATURES)
+    lp = lp + treatment * np.where(mutation == 1, TRUE_TREATMENT_LOG_HR[1], TRUE_TREATMENT_LOG_HR[0])
     # Weibull PH: S(t) = exp(-(t/scale)^k * exp(lp))  =>  t = scale * (E / exp(lp))^(1/k)
     e = rng.exponential(1.0, n)
     event_time = region.baseline_scale * (e / np.exp(lp)) ** (1.0 / region.shape)
@@ -95,8 +111,8 @@ def cohort(region: Region, seed: int = 42, shift: float = 0.0) -> pd.DataFrame:
     censor = np.minimum(region.follow_up * rng.uniform(0.6, 1.0, n), dropout)
     time = np.minimum(event_time, censor)
     event = (event_time <= censor).astype(int)
-    # Follow-up is recorded to 0.1 month, which yields tied times as in registries.
-    time = np.maximum(np.round(time, 1), 0.1)
+    # Follow-up is recorded in whole days, which yields tied times as in registries.
+    time = np.maximum(np.round(time * DAYS_PER_MONTH), 1.0)
 
     logit = TRUE_RESPONSE_LOGIT["intercept"] + sum(
         TRUE_RESPONSE_LOGIT[f] * (x[f] - _CENTRE[f]) for f in ("age", "stage", "biomarker", "treatment")
@@ -112,7 +128,7 @@ def cohort(region: Region, seed: int = 42, shift: float = 0.0) -> pd.DataFrame:
     )
 
 
-_CENTRE = {"age": 65.0, "sex": 0.5, "stage": 2.5, "ecog": 0.6, "biomarker": 0.0, "treatment": 0.5}
+_CENTRE = {"age": 65.0, "sex": 0.5, "stage": 2.5, "ecog": 0.6, "biomarker": 0.0, "mutation": 0.3, "treatment": 0.5}
 
 
 def write_site(folder: Path, region: Region, seed: int = 42, shift: float = 0.0, overwrite: bool = False) -> Path:
