@@ -278,6 +278,7 @@ def analyse(msg: Message, context: Context) -> Message:
 
     from client import stats
 
+    started = time.perf_counter()
     cfg = msg.content["config"]
     site = _site(context)
     policy = SitePolicy.load(context.node_config.get("policy"), site.name)
@@ -295,5 +296,6 @@ def analyse(msg: Message, context: Context) -> Message:
         policy.check_analysis_iteration(site.name, answered + 1)
         context.state[ANALYSIS_STATE] = ConfigRecord({"iterations": answered + 1})
         metrics = stats.cox_sums(data, json.loads(str(cfg["fits"])), min_cell)
+    metrics["compute-seconds"] = time.perf_counter() - started
     reply = RecordDict({"site": ConfigRecord({"site-name": site.name}), "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from logging import INFO
 
@@ -151,7 +152,8 @@ def plan_fits(request: Request, described: dict[int, dict]) -> tuple[dict[str, N
 
 
 def newton_fits(grid: Grid, settings: RunSettings, request: Request, fits: dict[str, NewtonFit],
-                nodes: dict[int, str], ledger: Ledger) -> tuple[dict[str, str], dict[str, list[str]]]:
+                nodes: dict[int, str], ledger: Ledger, seconds: dict[str, float]
+                ) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Iterate every model to convergence in lockstep; the models that cannot be estimated, and who each rests on.
 
     A site that fails mid-fit stops the analysis: a sum without it is a different, wrong answer.
@@ -170,6 +172,8 @@ def newton_fits(grid: Grid, settings: RunSettings, request: Request, fits: dict[
             node, reason = next(iter(failed.items()))
             raise FederationError(f"site {nodes[node]} failed during the Cox fit (iteration {iteration}): {reason}; "
                                   "the fit stops, since a sum without that site would be a wrong answer")
+        for d in ok.values():
+            seconds[d["site"]] = seconds.get(d["site"], 0.0) + float(d.get("compute-seconds", 0.0))
         ledger.append("analysis-iteration", {"iteration": iteration, "coefficients": {
             n: r["beta"] for n, r in requests.items()}, "sites": {d["site"]: _view(d) for d in ok.values()}})
         for name, fit in list(active.items()):
@@ -314,6 +318,7 @@ def run_analysis(grid: Grid, context: Context, settings: RunSettings, ledger: Le
     from server.tracking import AnalysisTracker
 
     request = Request.from_settings(settings)
+    started = time.perf_counter()
     try:
         described, refused = _describe(grid, settings, request, ledger)
         ledger.append("run-start", {
@@ -329,7 +334,8 @@ def run_analysis(grid: Grid, context: Context, settings: RunSettings, ledger: Le
     with AnalysisTracker(settings, context.run_id, ledger) as tracker:
         try:
             fits, levels = plan_fits(request, described)
-            gaps, contributors = newton_fits(grid, settings, request, fits, nodes, ledger)
+            seconds = {d["site"]: float(d.get("compute-seconds", 0.0)) for d in described.values()}
+            gaps, contributors = newton_fits(grid, settings, request, fits, nodes, ledger, seconds)
             overall = fits["overall"]
             result = {
                 "title": f"Treatment-effect analysis of '{request.treatment}'",
@@ -348,6 +354,8 @@ def run_analysis(grid: Grid, context: Context, settings: RunSettings, ledger: Le
                 "subgroups": subgroup_results(request, fits, levels, gaps, contributors),
             }
             result["sentence"] = sentence(result)
+            result["site_compute_seconds"] = seconds  # what the sites spent computing, all messages together
+            result["wall_seconds"] = time.perf_counter() - started
             report = write_analysis_report(result, fedhosp_home() / "reports" / f"analysis-flwr-{context.run_id}.html")
             ledger.append("analysis-result", {"cox": result["cox"], "logrank": result["logrank"],
                                               "subgroups": result["subgroups"], "sentence": result["sentence"],

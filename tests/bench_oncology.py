@@ -50,7 +50,7 @@ from server.summary import find_summary
 APP_DIR = Path(__file__).resolve().parent.parent
 # Not Flower's defaults (39091/39093), so the benchmark never meets the tests' SuperLink.
 BENCH_PORTS = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39291", "FLWR_LOCAL_CONTROL_API_PORT": "39293"}
-QUICK_STRATEGIES = ("fedavg", "fedadam")
+QUICK_STRATEGIES = ("fedavg", "fedadam", "newton")
 
 # Piped output (make bench > file) gets room for two tables side by side; a terminal or $COLUMNS wins.
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200, log_path=False)
@@ -308,6 +308,7 @@ def key_figures(results: list[DatasetResult], seed: int) -> str:
                 continue
             ratio_sum, ratio_max = overhead(f)
             lines.append(f"  {f.strategy:<10} {_f(r.mean(f.c_index))} (weighted {_f(f.aggregate)}); "
+                         f"{len(f.round_wall)} rounds; "
                          f"round {statistics.fmean(f.round_wall):.2f} s vs compute "
                          f"{statistics.fmean(f.compute_sum) * 1000:.0f} ms → overhead ×{ratio_sum:.1f} "
                          f"(×{ratio_max:.1f} vs slowest site); run {f.run_seconds:.0f} s, "
