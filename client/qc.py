@@ -27,6 +27,9 @@ from client.data.tabular import AGE_BANDS
 AGE_ORDER = {name: k for k, (_, _, name) in enumerate(AGE_BANDS)}
 CONFIDENCE = 0.95
 BINS = 10
+# Where an attribute's groups under min-cell are counted: one entry, no label (``g/<attribute>/~suppressed`` on
+# the wire), so that neither a group's size nor its label leaves the node.
+SUPPRESSED = "(suppressed)"
 # The metric a cross-site matrix shows, per outcome.
 PRIMARY = {"survival": "c_index", "response": "auc", "referral": "auc", "kl-grade": "kappa"}
 
@@ -191,9 +194,9 @@ def validate(pred: Predictions, cfg: QCSettings) -> dict:
             sizes = {v: int((labels == v).sum()) for v in values}
             withheld = any(size < cfg.min_cell for size in sizes.values()) or (labels == "").sum() > 0
             groups = {}
+            small = [value for value in values if sizes[value] < cfg.min_cell]
             for value in values:
-                if sizes[value] < cfg.min_cell:
-                    groups[value] = {"suppressed": True}
+                if sizes[value] < cfg.min_cell:  # not even its label leaves the node: only that it exists
                     continue
                 idx = np.flatnonzero(labels == value)
                 part = pred.take(idx)
@@ -201,6 +204,8 @@ def validate(pred: Predictions, cfg: QCSettings) -> dict:
                 groups[value] = {"metrics": estimate(part, functions, cfg.bootstrap, cfg.seed)}
                 if not withheld:
                     groups[value]["n"] = sizes[value]
+            if small:
+                groups[SUPPRESSED] = {"suppressed": True, "groups": len(small)}
             result["subgroups"][attribute] = groups
     if pred.outcome != "survival":
         if pred.outcome == "kl-grade":
@@ -234,10 +239,10 @@ def flatten(result: dict, prefix: str = "") -> dict[str, float | list[float]]:
     metrics(prefix, result["metrics"])
     for attribute, groups in result.get("subgroups", {}).items():
         for value, group in groups.items():
-            key = f"{prefix}g/{_safe_key(attribute)}/{_safe_key(value)}/"
-            if group.get("suppressed"):
-                flat[key + "suppressed"] = 1.0
+            if value == SUPPRESSED:
+                flat[f"{prefix}g/{_safe_key(attribute)}/~suppressed"] = float(group["groups"])
                 continue
+            key = f"{prefix}g/{_safe_key(attribute)}/{_safe_key(value)}/"
             if "n" in group:
                 flat[key + "n"] = float(group["n"])
             metrics(key, group["metrics"])
@@ -262,12 +267,11 @@ def unflatten(flat: dict, prefix: str = "") -> dict:
         parts = key[len(prefix):].split("/")
         if parts[0] == "m" and len(parts) == 3:
             result["metrics"].setdefault(parts[1], {})[parts[2]] = number(value)
+        elif parts[0] == "g" and parts[2] == "~suppressed":
+            subgroups.setdefault(parts[1], {})[SUPPRESSED] = {"suppressed": True, "groups": int(value)}
         elif parts[0] == "g":
             group = subgroups.setdefault(parts[1], {}).setdefault(parts[2], {})
-            if parts[3] == "suppressed":
-                group.clear()
-                group["suppressed"] = True
-            elif not group.get("suppressed"):
+            if not group.get("suppressed"):
                 if parts[3] == "n":
                     group["n"] = int(value)
                 elif parts[3] == "m":
@@ -285,6 +289,8 @@ def unflatten(flat: dict, prefix: str = "") -> dict:
 
 
 def _group_order(value: str) -> tuple[int, str]:
+    if value == SUPPRESSED:
+        return len(AGE_ORDER) + 1, value  # the suppressed groups' line comes last
     return AGE_ORDER.get(value, len(AGE_ORDER)), value
 
 

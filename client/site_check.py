@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from client.data.tabular import COHORT_FILE, SiteDataError, load_cohort
+from client.data.tabular import COHORT_FILE, RESERVED, SiteDataError, identifier_like, load_cohort
+from client.policy import SitePolicy
 
 site_app = typer.Typer(no_args_is_help=True)
 
@@ -43,15 +44,24 @@ def check(
              f"default: oncology when the folder holds {COHORT_FILE}.")] = None,
     site: Annotated[str | None, typer.Option(help="The site's name; default: the folder's name.")] = None,
     image_size: Annotated[int, typer.Option(min=8, help="Radiology: the model's image side, in pixels.")] = 64,
+    features: Annotated[str, typer.Option(help="Oncology: the run's declared feature columns (comma-separated), "
+                                               "as run-config features; empty = every numeric column.")] = "",
+    policy: Annotated[Path | None, typer.Option(help="The node's policy file (its min-examples is checked).")] = None,
 ) -> None:
-    """Print usable and skipped data, class balance and the data fingerprint; exit 1 if nothing is usable."""
+    """Print usable and skipped data, class balance and the data fingerprint.
+
+    Exit 1 if nothing is usable, or if the node would refuse to join: identifier-like columns that no declared
+    ``features`` list covers, or fewer patients or images than the policy's minimum.
+    """
     console = Console()
     name = site or folder.resolve().name
     if task is None:
         task = Task.oncology if (folder / COHORT_FILE).is_file() else Task.radiology
     try:
-        usable = _oncology(console, folder, name) if task is Task.oncology else _radiology(
-            console, folder, name, image_size)
+        minimum = SitePolicy.load(policy, name).min_examples
+        declared = [c.strip() for c in features.split(",") if c.strip()]
+        usable = _oncology(console, folder, name, declared, minimum) if task is Task.oncology else _radiology(
+            console, folder, name, image_size, minimum)
     except SiteDataError as exc:
         Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(exc)))
         raise typer.Exit(1) from None
@@ -59,7 +69,11 @@ def check(
         raise typer.Exit(1)
 
 
-def _radiology(console: Console, folder: Path, name: str, image_size: int) -> int:
+def _problem(console: Console, text: str) -> None:
+    console.print(Text.assemble(("problem: ", "bold red"), text))
+
+
+def _radiology(console: Console, folder: Path, name: str, image_size: int, minimum: int) -> int:
     from client.data import dicom  # pydicom and torch only when a radiology folder is checked
 
     report = dicom.site_report(folder, name, image_size)
@@ -75,11 +89,28 @@ def _radiology(console: Console, folder: Path, name: str, image_size: int) -> in
         balance.add_row(str(grade), _share(count, report["usable"]))
     console.print(balance)
     console.print(f"fingerprint: {report['fingerprint']}")
+    if report["usable"] < minimum:
+        _problem(console, f"{report['usable']} usable images, fewer than the policy's minimum of {minimum}: "
+                          "the node would refuse to train")
+        return 0
     return report["usable"]
 
 
-def _oncology(console: Console, folder: Path, name: str) -> int:
-    cohort = load_cohort(folder, name)
+def _oncology(console: Console, folder: Path, name: str, declared: list[str], minimum: int) -> int:
+    import pandas as pd
+
+    columns = [str(c).strip() for c in pd.read_csv(folder / COHORT_FILE, nrows=0).columns] \
+        if (folder / COHORT_FILE).is_file() else []
+    # with declared features, any other column is simply not read; without, identifier-like names are refused
+    suspicious = [] if declared else [c for c in columns if c not in RESERVED and identifier_like(c)]
+    # read it as the node would; with identifier-like columns, as it would once they are dealt with
+    usable_columns = declared or (sorted(c for c in columns if c not in RESERVED and c not in suspicious)
+                                  if suspicious else None)  # None: the node's own default (every numeric column)
+    if suspicious:  # first, so that it is said even when the cohort cannot be read for another reason
+        _problem(console, f"columns whose names look like identifiers: {', '.join(suspicious)}. The node refuses "
+                          "to use them: remove them from the export, or name the real features in run-config "
+                          "features (then nothing else is read or named)")
+    cohort = load_cohort(folder, name, features=usable_columns or None)
     events = np.concatenate([cohort.train.event, cohort.test.event])
     summary = _table(f"site {name}: oncology", "", "")
     summary.add_row("usable patients", f"{len(events)} ({len(cohort.train)} train, {len(cohort.test)} test)")
@@ -88,7 +119,12 @@ def _oncology(console: Console, folder: Path, name: str) -> int:
     console.print(summary)
     _print_skipped(console, cohort.skipped, "rows")
     console.print(f"fingerprint: {hashlib.sha256((folder / COHORT_FILE).read_bytes()).hexdigest()}")
-    return len(events)
+    problems = len(suspicious) > 0
+    if len(cohort.train) < minimum:
+        _problem(console, f"{len(cohort.train)} patients in the training split, fewer than the policy's minimum "
+                          f"of {minimum}: the node would refuse to train")
+        problems += 1
+    return 0 if problems else len(events)
 
 
 def _print_skipped(console: Console, skipped: dict[str, int], what: str) -> None:

@@ -39,6 +39,7 @@ class OncologyTask:
         self.endpoint = str(run_config.get("endpoint", "survival"))
         self.model = str(run_config.get("model") or DEFAULT_MODEL["oncology"])
         self.seed = int(run_config.get("seed", 42))
+        self.features = [c.strip() for c in str(run_config.get("features", "")).split(",") if c.strip()]
 
     def demo_site(self, pid: int, count: int) -> Site:
         from client.data import demo
@@ -51,7 +52,7 @@ class OncologyTask:
     def load(self, site: Site, validation: bool = False):
         from client.data.tabular import load_cohort
 
-        return load_cohort(site.folder, site.name, self.endpoint, self.seed, validation)
+        return load_cohort(site.folder, site.name, self.endpoint, self.seed, validation, self.features or None)
 
     def describe(self, data) -> tuple[list[str], dict[str, float]]:
         return list(data.features), {"skipped-rows": sum(data.skipped.values())}

@@ -165,7 +165,10 @@ def _site_view(name: str, site: dict, metrics: list[str], min_cell: int, include
     for attribute, members in (site.get("subgroups") or {}).items():
         for group, data in (members or {}).items():
             if _suppressed(data, min_cell):  # nothing but the labels leaves this branch
-                groups.append({"attribute": attribute, "group": group, "suppressed": True})
+                label = group
+                if isinstance(data, dict) and data.get("groups"):  # the node sent only how many there were
+                    label = f"{int(data['groups'])} group{'s' if int(data['groups']) > 1 else ''} under {min_cell} cases"
+                groups.append({"attribute": attribute, "group": label, "suppressed": True})
             else:
                 groups.append({"attribute": attribute, "group": group, "suppressed": False,
                                "n": data.get("n") if data.get("n") is not None else "withheld",

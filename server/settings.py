@@ -51,6 +51,7 @@ class RunSettings:
     criteria: str = ""
     min_cell: int = 10
     bootstrap_samples: int = 1000
+    features: str = ""
     treatment: str = "treatment"
     covariates: str = ""
     subgroups: str = ""

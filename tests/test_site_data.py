@@ -77,11 +77,11 @@ def test_response_endpoint_needs_a_label_column(tmp_path):
 
 def test_non_numeric_feature_names_the_column_but_not_its_values(tmp_path):
     frame = _good()
-    frame["mrn"] = [f"CPR-0101{i:04d}" for i in range(len(frame))]  # an identifier left in by mistake
+    frame["smoker"] = [f"CPR-0101{i:04d}" for i in range(len(frame))]  # an identifier pasted into a feature
     with pytest.raises(SiteDataError) as err:
         load_cohort(_write(tmp_path / "A", frame), "Odense")
     text = str(err.value)
-    assert "site Odense" in text and "'mrn'" in text and "not numeric" in text
+    assert "site Odense" in text and "'smoker'" in text and "not numeric" in text
     assert "CPR" not in text and str(tmp_path) not in text
 
 

@@ -152,7 +152,7 @@ def load_radiology_site(
     grades = np.array([image.grade for image in scan.images], dtype=np.int64)
     labels = (grades >= REFERRAL_GRADE).astype(np.int64) if target == "referral" else grades
     pixels = np.stack([image.pixels for image in scan.images])[:, None].astype(np.float32)
-    vendors = [image.vendor for image in scan.images]
+    vendors = [vendor_group(image.vendor) for image in scan.images]  # also for verdicts cached before the vocabulary
     patients = np.unique([image.group for image in scan.images], return_inverse=True)[1].astype(np.int64)
     groups = {"sex": [image.sex for image in scan.images],
               "age": [age_band(image.age) for image in scan.images], "vendor": vendors}
@@ -492,6 +492,30 @@ def _load(path: Path, folder: Path, labels: _Labels, matched: set[str], used_uid
                   header.sex, header.age)
 
 
+# The vendor subgroup's fixed vocabulary: the main X-ray vendors, else "other" ("unknown" when the header has
+# none). The Manufacturer header is free text (a PACS can put a department or a person there), so nothing of it
+# travels but the word of this list it matches.
+VENDORS = {
+    "Agfa": ("agfa",), "Canon": ("canon", "toshiba"), "Carestream": ("carestream", "kodak"),
+    "Fujifilm": ("fujifilm", "fuji"), "GE": ("general electric", "ge healthcare", "ge medical", "gehc", "ge"),
+    "Hologic": ("hologic",), "Konica Minolta": ("konica", "minolta"), "Philips": ("philips",),
+    "Samsung": ("samsung",), "Shimadzu": ("shimadzu",), "Siemens": ("siemens",),
+}
+
+
+def vendor_group(manufacturer: str) -> str:
+    """The vendor subgroup label for a Manufacturer header: a word of :data:`VENDORS`, ``other`` or ``unknown``."""
+    text = str(manufacturer or "").strip().lower()
+    if not text:
+        return "unknown"
+    if text in ("other", "unknown"):
+        return text
+    for name, tokens in VENDORS.items():
+        if any(re.search(rf"\b{re.escape(token)}\b", text) for token in tokens):
+            return name
+    return "other"
+
+
 def _header(data: bytes, sha: str, cache: _Cache) -> tuple[_Header, Dataset | None]:
     """The file's verdict, from the cache when it has one, so that a broken file is parsed once."""
     cached = cache.verdict(sha)
@@ -508,7 +532,7 @@ def _header(data: bytes, sha: str, cache: _Cache) -> tuple[_Header, Dataset | No
     header = _Header(
         uid=str(ds.get("SOPInstanceUID", "")).strip(),
         patient=str(ds.get("PatientID", "")).strip(),
-        vendor=str(ds.get("Manufacturer", "")).strip() or "unknown",
+        vendor=vendor_group(str(ds.get("Manufacturer", ""))),
         sex=_sex(ds),
         age=_age(ds),
     )

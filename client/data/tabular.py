@@ -26,6 +26,21 @@ TEST_FRACTION = 0.25
 AGE_BANDS = ((0, 50, "<50"), (50, 65, "50-64"), (65, 80, "65-79"), (80, 200, "80+"))
 
 
+# Column names that look like a patient identifier, matched case-insensitively as a word part ("patientID",
+# "cpr_nr", "MRN"): never a feature unless run-config ``features`` names the column on purpose.
+IDENTIFIER_WORDS = ("id", "ids", "cpr", "mrn", "ssn", "name", "accession", "personnummer", "nhs", "dob", "birth",
+                    "birthdate", "address", "phone", "email", "zip", "postcode", "initials")
+
+
+def identifier_like(column: str) -> bool:
+    """True for a column name with an identifier word as one of its parts (``_``/``-``/space/camelCase split)."""
+    import re
+
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(column))
+    parts = [p for p in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if p]
+    return any(part in IDENTIFIER_WORDS for part in parts)
+
+
 def age_band(age: float) -> str:
     """The validation report's age bands; "" for an unknown age."""
     for low, high, name in AGE_BANDS:
@@ -65,7 +80,7 @@ class SiteCohort:
 
 
 def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int = 42,
-                validation: bool = False) -> SiteCohort:
+                validation: bool = False, features: list[str] | None = None) -> SiteCohort:
     """Read ``folder/cohort.csv``, skip unusable rows (counted), split and standardise."""
     path = Path(folder) / COHORT_FILE
     if not path.is_file():
@@ -78,11 +93,11 @@ def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int =
     except Exception as exc:  # pandas' messages can quote file content
         log.error("site %s: cannot parse %s (%s)", site, path, type(exc).__name__)
         raise SiteDataError(f"site {site}: {COHORT_FILE} cannot be parsed as CSV ({type(exc).__name__})") from None
-    return prepare_cohort(frame, site, endpoint, seed, validation)
+    return prepare_cohort(frame, site, endpoint, seed, validation, features)
 
 
 def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", seed: int = 42,
-                   validation: bool = False) -> SiteCohort:
+                   validation: bool = False, features: list[str] | None = None) -> SiteCohort:
     """Check the contract on an in-memory cohort; see :func:`load_cohort`.
 
     ``validation``: the cohort is only used to test a model, so a ``split``
@@ -95,7 +110,19 @@ def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", s
     for column in ("time", "event") + (("label",) if endpoint == "response" else ()):
         if column not in frame.columns:
             raise SiteDataError(f"site {site}: {COHORT_FILE} has no column '{column}'")
-    features = sorted(c for c in frame.columns if c not in RESERVED)
+    if features:  # declared: exactly these, in this order; every other column stays unnamed on the node
+        missing = [c for c in features if c not in frame.columns]
+        if missing:
+            raise SiteDataError(f"site {site}: {COHORT_FILE} has no column '{missing[0]}' (named in features)")
+        features = list(features)
+    else:
+        features = sorted(c for c in frame.columns if c not in RESERVED)
+        suspicious = [c for c in features if identifier_like(c)]
+        if suspicious:  # its name is not sent: an identifier column's name can be as telling as its values
+            log.error("site %s: columns that look like identifiers: %s", site, suspicious)
+            raise SiteDataError(
+                f"site {site}: {COHORT_FILE} has {len(suspicious)} column(s) whose name looks like an identifier; "
+                "remove them, or declare the features to use (run-config features); `fedhosp site check` names them")
     if not features:
         raise SiteDataError(f"site {site}: {COHORT_FILE} has no feature columns")
     for column in features:
