@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import qc
-from client.data.tabular import SiteDataError
+from client.data.tabular import SiteDataError, cohort_fingerprint
 from client.ledger import Ledger, load_or_create_key
 from client.policy import SitePolicy, installed_app_hash
 from client.site import Site, fedhosp_home, resolve_site
@@ -207,24 +207,15 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _newton_step(msg: Message, data) -> Message:
-    """``strategy = "newton"``: this stratum's Cox gradient and Hessian at the received linear weights (which go
-    back unchanged), and the sums that scale the penalty; no local training (server/newton.py:NewtonCox)."""
-    import numpy as np
-
-    from client.stats import efron
+    """``strategy = "newton"``: this stratum's Cox sums at the received linear weights, which go back unchanged
+    (no local training; server/newton.py:NewtonCox)."""
+    from client.stats import newton_sums
 
     (_, weights), = msg.content["arrays"].items()
-    beta = weights.numpy().reshape(-1).astype(np.float64)
-    x = data.train.x.astype(np.float64)
-    if x.shape[1] != len(beta):
-        raise SiteDataError(f"site {data.site}: the linear Cox model has {len(beta)} weights; the site has "
-                            f"{x.shape[1]} features")
-    loglik, gradient, hessian = efron(x, data.train.time, data.train.event, beta)
-    newton = ArrayRecord({"gradient": Array(gradient), "hessian": Array(hessian), "loglik": Array(np.array([loglik])),
-                          "sum_x": Array(x.sum(axis=0)), "sum_x2": Array((x ** 2).sum(axis=0)),
-                          "n": Array(np.array([float(len(x))]))})
-    events = max(int(data.train.event.sum()), 1)
-    metrics = MetricRecord({"train_loss": -loglik / events, "num-examples": len(x)})
+    sums = newton_sums(data, weights.numpy())
+    metrics = MetricRecord({"train_loss": -float(sums["loglik"][0]) / max(int(data.train.event.sum()), 1),
+                            "num-examples": len(data.train)})
+    newton = ArrayRecord({k: Array(v) for k, v in sums.items()})
     return Message(RecordDict({"arrays": msg.content["arrays"], "newton": newton, "metrics": metrics}), reply_to=msg)
 
 
@@ -286,7 +277,7 @@ def analyse(msg: Message, context: Context) -> Message:
     treatment, subgroups = str(cfg["treatment"]), split(cfg["subgroups"])
     data = stats.load_analysis_data(site.folder, site.name, treatment, split(cfg["covariates"]), subgroups)
     policy.check_examples(site.name, len(data), "patients", "analyse")
-    context.state[FINGERPRINT] = ConfigRecord({"data-fingerprint": stats.fingerprint(site.folder)})
+    context.state[FINGERPRINT] = ConfigRecord({"data-fingerprint": cohort_fingerprint(site.folder)})
     min_cell = int(cfg["min-cell"])
     if cfg["step"] == "describe":
         metrics = stats.describe(data, subgroups, float(cfg["km-bin"]), min_cell)

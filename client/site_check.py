@@ -9,7 +9,6 @@ cache, so the first round does not decode again.
 
 from __future__ import annotations
 
-import hashlib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from client.data.tabular import COHORT_FILE, RESERVED, SiteDataError, identifier_like, load_cohort
+from client.data.tabular import (COHORT_FILE, RESERVED, SiteDataError, cohort_fingerprint, identifier_like,
+                                 load_cohort, read_cohort)
 from client.policy import SitePolicy
 
 site_app = typer.Typer(no_args_is_help=True)
@@ -97,10 +97,7 @@ def _radiology(console: Console, folder: Path, name: str, image_size: int, minim
 
 
 def _oncology(console: Console, folder: Path, name: str, declared: list[str], minimum: int) -> int:
-    import pandas as pd
-
-    columns = [str(c).strip() for c in pd.read_csv(folder / COHORT_FILE, nrows=0).columns] \
-        if (folder / COHORT_FILE).is_file() else []
+    columns = list(read_cohort(folder, name).columns)
     # with declared features, any other column is simply not read; without, identifier-like names are refused
     suspicious = [] if declared else [c for c in columns if c not in RESERVED and identifier_like(c)]
     # read it as the node would; with identifier-like columns, as it would once they are dealt with
@@ -118,7 +115,7 @@ def _oncology(console: Console, folder: Path, name: str, declared: list[str], mi
     summary.add_row("event rate", f"{events.mean():.1%}")
     console.print(summary)
     _print_skipped(console, cohort.skipped, "rows")
-    console.print(f"fingerprint: {hashlib.sha256((folder / COHORT_FILE).read_bytes()).hexdigest()}")
+    console.print(f"fingerprint: {cohort_fingerprint(folder)}")
     problems = len(suspicious) > 0
     if len(cohort.train) < minimum:
         _problem(console, f"{len(cohort.train)} patients in the training split, fewer than the policy's minimum "

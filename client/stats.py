@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.data.tabular import COHORT_FILE, SiteDataError
+from client.data.tabular import COHORT_FILE, SiteDataError, read_cohort
 
 log = logging.getLogger(__name__)
 MAX_LEVELS = 10  # a subgroup column is a handful of integer codes (mutation 0/1, sex, stage)
@@ -55,17 +55,9 @@ class AnalysisData:
 def load_analysis_data(folder: Path, site: str, treatment: str, covariates: list[str],
                        subgroups: list[str]) -> AnalysisData:
     """``cohort.csv`` with the columns the analysis names; rows missing any of them are skipped (counted)."""
-    path = Path(folder) / COHORT_FILE
-    if not path.is_file():
-        raise SiteDataError(f"site {site}: no {COHORT_FILE} in the site's data folder")
     import pandas as pd
 
-    try:
-        frame = pd.read_csv(path)
-    except Exception as exc:  # pandas' messages can quote file content
-        log.error("site %s: cannot parse %s (%s)", site, path, type(exc).__name__)
-        raise SiteDataError(f"site {site}: {COHORT_FILE} cannot be parsed as CSV ({type(exc).__name__})") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
+    frame = read_cohort(folder, site)
     for column in ("time", "event"):
         if column not in frame.columns:
             raise SiteDataError(f"site {site}: {COHORT_FILE} has no column '{column}'")
@@ -99,11 +91,6 @@ def load_analysis_data(folder: Path, site: str, treatment: str, covariates: list
     if keep.sum() == 0:
         raise SiteDataError(f"site {site}: no usable patients for the analysis after skipping invalid rows")
     return AnalysisData(site, treatment, time[keep], event[keep].astype(np.int64), data, skipped)
-
-
-def fingerprint(folder: Path) -> str:
-    """SHA-256 of cohort.csv (for the site ledger): tells later whether the data changed, names nothing."""
-    return hashlib.sha256((Path(folder) / COHORT_FILE).read_bytes()).hexdigest()
 
 
 def time_bins(time: np.ndarray, km_bin: float) -> np.ndarray:
@@ -243,6 +230,19 @@ def efron(x: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray) 
     mean = s1 / s0[:, None]
     hessian = -((s2 / s0[:, None, None]).sum(axis=0) - np.einsum("ki,kj->ij", mean, mean))
     return loglik, gradient, hessian
+
+
+def newton_sums(cohort, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """For ``strategy = "newton"``: the training split's Efron log-likelihood, gradient and Hessian at the linear
+    model's weights, and the sums of x and x² (with n) that scale lifelines' penalty on the coordinator."""
+    beta = np.asarray(weights, dtype=np.float64).reshape(-1)
+    x = cohort.train.x.astype(np.float64)
+    if x.shape[1] != len(beta):
+        raise SiteDataError(f"site {cohort.site}: the linear Cox model has {len(beta)} weights; the site has "
+                            f"{x.shape[1]} features")
+    loglik, gradient, hessian = efron(x, cohort.train.time, cohort.train.event, beta)
+    return {"gradient": gradient, "hessian": hessian, "loglik": np.array([loglik]), "sum_x": x.sum(axis=0),
+            "sum_x2": (x ** 2).sum(axis=0), "n": np.array([float(len(x))])}
 
 
 def cox_sums(data: AnalysisData, fits: dict[str, dict], min_cell: int) -> dict:

@@ -7,7 +7,6 @@ demo site, load and describe its data, and train and evaluate on it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,9 +58,9 @@ class OncologyTask:
 
     def fingerprint(self, site: Site, data) -> str:
         """SHA-256 of cohort.csv: tells later whether the data changed, names nothing."""
-        from client.data.tabular import COHORT_FILE
+        from client.data.tabular import cohort_fingerprint
 
-        return hashlib.sha256((site.folder / COHORT_FILE).read_bytes()).hexdigest()
+        return cohort_fingerprint(site.folder)
 
     def build(self, data) -> nn.Module:
         hardware.configure(self.node_config)  # threads (the tiny oncology models stay on the CPU)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from logging import INFO
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -42,7 +42,7 @@ from client.stats import ARMS, ledger_view
 from server import progress
 from server.newton import MAX_ITERATIONS, FitError, NewtonFit
 from server.settings import RunSettings
-from server.sites import REFUSAL, FederationError, reason_text, wait_for_nodes
+from server.sites import REFUSAL, FederationError, exchange, wait_for_nodes
 
 ANALYSE = f"{MessageType.QUERY}.analyse"
 
@@ -69,18 +69,10 @@ class Request:
 
 
 def _ask(grid: Grid, nodes: list[int], config: ConfigRecord, timeout: float) -> tuple[dict[int, dict], dict[int, str]]:
-    """One analysis message per node: the replies' numbers by node, and the reason for each node without one."""
-    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type=ANALYSE) for node in nodes]
-    replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
-    ok, failed = {}, {}
-    for node in nodes:
-        reply = replies.get(node)
-        if reply is None:
-            failed[node] = f"no reply within {timeout:.0f}s"
-        elif reply.has_error():
-            failed[node] = reason_text(reply.error.reason)
-        else:
-            ok[node] = {"site": str(reply.content["site"]["site-name"]), **dict(reply.content["metrics"])}
+    """One analysis message per node: the replies' numbers (and site name) by node, and why the others gave none."""
+    replies, failed = exchange(grid, {node: RecordDict({"config": config}) for node in nodes}, ANALYSE, timeout)
+    ok = {node: {"site": str(reply.content["site"]["site-name"]), **dict(reply.content["metrics"])}
+          for node, reply in replies.items()}
     return ok, failed
 
 

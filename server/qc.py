@@ -35,7 +35,7 @@ from server import criteria as acceptance
 from server import progress
 from server.report import write_report
 from server.settings import RunSettings
-from server.sites import FederationError, SiteInfo, discover_sites, reason_text
+from server.sites import FederationError, SiteInfo, discover_sites, exchange
 from server.tracking import ValidationTracker, download_model, tracking_uri
 from server.validation import structural_problem
 
@@ -118,17 +118,10 @@ def node_config(settings: RunSettings) -> dict:
 def _send(grid: Grid, sites: dict[int, SiteInfo], content: dict[int, RecordDict], message_type: str,
           timeout: float) -> tuple[dict[str, Message], dict[str, str]]:
     """One message per site; replies by site name, and the reason for each site that gave none."""
-    messages = [Message(content[node], dst_node_id=node, message_type=message_type) for node in sites]
-    replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
-    ok, failed = {}, {}
-    for node, site in sites.items():
-        reply = replies.get(node)
-        if reply is None:
-            failed[site.name] = f"site {site.name}: no reply within {timeout:.0f}s"
-        elif reply.has_error():
-            failed[site.name] = reason_text(reply.error.reason)
-        else:
-            ok[site.name] = reply
+    replies, reasons = exchange(grid, content, message_type, timeout)
+    ok = {sites[node].name: reply for node, reply in replies.items()}
+    failed = {sites[node].name: f"site {sites[node].name}: {reason}" if node not in replies and
+              reason.startswith("no reply") else reason for node, reason in reasons.items()}
     return ok, failed
 
 

@@ -50,7 +50,7 @@ def at_risk_table(km: dict, every: int) -> tuple[list[float], dict[str, list[int
     return times, rows
 
 
-def km_png(km: dict, every: int) -> bytes:
+def km_png(km: dict, times: list[float], rows: dict[str, list[int | None]]) -> bytes:
     fig = Figure(figsize=(7.5, 4.8), dpi=100)
     ax = fig.add_axes((0.1, 0.36, 0.86, 0.58))
     for arm, curve in sorted(km.items()):
@@ -61,7 +61,6 @@ def km_png(km: dict, every: int) -> bytes:
     ax.set_ylabel("survival")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    times, rows = at_risk_table(km, every)
     table = fig.add_axes((0.1, 0.04, 0.86, 0.2))
     table.axis("off")
     table.set_xlim(ax.get_xlim())
@@ -139,7 +138,7 @@ def render_analysis(result: dict) -> str:
                 "sites": c["sites"], "ends": _fmt(c["ends_at"], 0)} for a, c in sorted(km.items())]
     return _TEMPLATE.render(
         style=STYLE, r=result, terms=terms, treatment=treatment, medians=medians,
-        km_png=_png_uri(km_png(km, every)) if km else None, times=[_fmt(t, 0) for t in times],
+        km_png=_png_uri(km_png(km, times, at_risk)) if km else None, times=[_fmt(t, 0) for t in times],
         at_risk=[{"arm": ARM_NAMES.get(a, a), "counts": [("" if n is None else n) for n in counts]}
                  for a, counts in sorted(at_risk.items())],
         forest=_png_uri(forest_png(forest_rows, overall)) if forest_rows else None, groups=groups,

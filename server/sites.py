@@ -55,6 +55,23 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, timeout: float
+             ) -> tuple[dict[int, Message], dict[int, str]]:
+    """One message per node; the good replies by node, and for every other node why it gave none."""
+    messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
+    replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
+    ok, failed = {}, {}
+    for node in contents:
+        reply = replies.get(node)
+        if reply is None:
+            failed[node] = f"no reply within {timeout:.0f}s"
+        elif reply.has_error():
+            failed[node] = reason_text(reply.error.reason)
+        else:
+            ok[node] = reply
+    return ok, failed
+
+
 REFUSAL = re.compile(r"^site (?P<site>.+?): policy refuses")
 
 

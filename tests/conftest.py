@@ -47,17 +47,22 @@ def processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
 
 
-@pytest.fixture
-def flower_env(tmp_path: Path) -> dict[str, str]:
+def flower_environment(folder: Path) -> dict[str, str]:
+    """Its own FEDHOSP_HOME, FLWR_HOME and SuperLink ports under ``folder``; no inherited MLflow URI."""
     env = runner.runtime_env({
         **os.environ,
-        "FEDHOSP_HOME": str(tmp_path / "fedhosp-home"),
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FEDHOSP_HOME": str(folder / "fedhosp-home"),
+        "FLWR_HOME": str(folder / "flwr-home"),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     })
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+@pytest.fixture
+def flower_env(tmp_path: Path) -> dict[str, str]:
+    return flower_environment(tmp_path)
 
 
 @pytest.fixture

@@ -30,21 +30,12 @@ from client.ledger import read_records
 from client.stats import time_bins
 from server import runner
 from server.audit import audit_app
-from server.deploy import free_port
-from tests.conftest import APP_DIR, processes_mentioning
+from tests.conftest import APP_DIR, flower_environment, processes_mentioning
 from tests.test_analysis import CONVERGED
 
 pytestmark = pytest.mark.timeout(600)
 CONFIG = "mode='analyse' treatment='treatment' covariates='age,stage,ecog' subgroups='mutation,sex'"
 LARGE = [r.name for r in demo.REGIONS]
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = runner.runtime_env({**os.environ, "FEDHOSP_HOME": str(tmp / "fedhosp-home"), "FLWR_HOME": str(tmp / "flwr"),
-                              "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-                              "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "COLUMNS": "200"})
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
 def _run_analysis(tmp: Path) -> dict:
@@ -55,7 +46,7 @@ def _run_analysis(tmp: Path) -> dict:
     (root / "Site-06").mkdir()
     small.to_csv(root / "Site-06" / "cohort.csv", index=False)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    env = _env(tmp)
+    env = flower_environment(tmp)
     done = subprocess.run([sys.executable, "-m", "server.cli", "run", "--sites", "6", "--run-config",
                            f"{CONFIG} data-root='{root}' mlflow-uri='{uri}'"],
                           env=env, capture_output=True, text=True, timeout=600, cwd=APP_DIR)

@@ -101,7 +101,7 @@ class Skip(Exception):
 class ImageSplit:
     images: np.ndarray  # float32 [N, 1, H, W]
     labels: np.ndarray  # int64 [N], the target
-    vendors: list[str]  # Manufacturer per image; stays on the node (subgroup metrics)
+    vendors: list[str]  # vendor group per image (dicom.vendor_group), for subgroup metrics
     # Per image, all on the node only: the patient (index, for patient-level bootstrap) and the
     # subgroup labels validation reports on (sex, age band, vendor); "" where the header has none.
     patients: np.ndarray | None = None
@@ -152,7 +152,7 @@ def load_radiology_site(
     grades = np.array([image.grade for image in scan.images], dtype=np.int64)
     labels = (grades >= REFERRAL_GRADE).astype(np.int64) if target == "referral" else grades
     pixels = np.stack([image.pixels for image in scan.images])[:, None].astype(np.float32)
-    vendors = [vendor_group(image.vendor) for image in scan.images]  # also for verdicts cached before the vocabulary
+    vendors = [vendor_group(image.vendor) for image in scan.images]  # the only use of the header's free text
     patients = np.unique([image.group for image in scan.images], return_inverse=True)[1].astype(np.int64)
     groups = {"sex": [image.sex for image in scan.images],
               "age": [age_band(image.age) for image in scan.images], "vendor": vendors}
@@ -532,7 +532,7 @@ def _header(data: bytes, sha: str, cache: _Cache) -> tuple[_Header, Dataset | No
     header = _Header(
         uid=str(ds.get("SOPInstanceUID", "")).strip(),
         patient=str(ds.get("PatientID", "")).strip(),
-        vendor=vendor_group(str(ds.get("Manufacturer", ""))),
+        vendor=str(ds.get("Manufacturer", "")).strip(),  # free text: only vendor_group() of it is used
         sex=_sex(ds),
         age=_age(ds),
     )

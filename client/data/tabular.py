@@ -8,6 +8,7 @@ Flower forwards a ClientApp's exception text to the coordinator.
 from __future__ import annotations
 
 import logging
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +35,6 @@ IDENTIFIER_WORDS = ("id", "ids", "cpr", "mrn", "ssn", "name", "accession", "pers
 
 def identifier_like(column: str) -> bool:
     """True for a column name with an identifier word as one of its parts (``_``/``-``/space/camelCase split)."""
-    import re
-
     spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(column))
     parts = [p for p in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if p]
     return any(part in IDENTIFIER_WORDS for part in parts)
@@ -82,6 +81,12 @@ class SiteCohort:
 def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int = 42,
                 validation: bool = False, features: list[str] | None = None) -> SiteCohort:
     """Read ``folder/cohort.csv``, skip unusable rows (counted), split and standardise."""
+    return prepare_cohort(read_cohort(folder, site), site, endpoint, seed, validation, features)
+
+
+def read_cohort(folder: Path, site: str) -> pd.DataFrame:
+    """``folder/cohort.csv`` as a frame with stripped column names; a missing or unparsable file is a
+    :class:`SiteDataError` that names the site only (pandas' own messages can quote file content)."""
     path = Path(folder) / COHORT_FILE
     if not path.is_file():
         log.error("site %s: %s not found", site, path)
@@ -90,10 +95,18 @@ def load_cohort(folder: Path, site: str, endpoint: str = "survival", seed: int =
 
     try:
         frame = pd.read_csv(path)
-    except Exception as exc:  # pandas' messages can quote file content
+    except Exception as exc:
         log.error("site %s: cannot parse %s (%s)", site, path, type(exc).__name__)
         raise SiteDataError(f"site {site}: {COHORT_FILE} cannot be parsed as CSV ({type(exc).__name__})") from None
-    return prepare_cohort(frame, site, endpoint, seed, validation, features)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def cohort_fingerprint(folder: Path) -> str:
+    """SHA-256 of cohort.csv: tells later whether the data changed, names nothing."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / COHORT_FILE).read_bytes()).hexdigest()
 
 
 def prepare_cohort(frame: pd.DataFrame, site: str, endpoint: str = "survival", seed: int = 42,
