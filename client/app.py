@@ -28,7 +28,7 @@ from models.registry import model_hash
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fedhosp.data"
-MODEL_SPEC_KEYS = ("task", "endpoint", "target", "model", "image-size")
+MODEL_SPEC_KEYS = ("task", "endpoint", "target", "model", "image-size", "dp")
 ANALYSE = "query.analyse"
 ANALYSIS_STATE = "fedhosp.analysis"
 
@@ -101,13 +101,16 @@ def effective_run_config(msg: Message, context: Context) -> dict:
     return run_config
 
 
-def site_ledger(context: Context, site: Site | None) -> Ledger:
-    """``<ledger-dir>/run-<id>.jsonl``, signed with ``<ledger-dir>/site_ed25519.pem`` (0600).
-
-    ``ledger-dir`` comes from node config; the default is ``$FEDHOSP_HOME/site-ledgers/<site>``.
-    """
+def ledger_folder(context: Context, site: Site | None) -> Path:
+    """Node config ``ledger-dir``; the default is ``$FEDHOSP_HOME/site-ledgers/<site>``. The privacy budget lives
+    there too (``privacy/``)."""
     folder = context.node_config.get("ledger-dir")
-    folder = Path(str(folder)) if folder else fedhosp_home() / "site-ledgers" / (site.name if site else "unknown")
+    return Path(str(folder)) if folder else fedhosp_home() / "site-ledgers" / (site.name if site else "unknown")
+
+
+def site_ledger(context: Context, site: Site | None) -> Ledger:
+    """``<ledger-dir>/run-<id>.jsonl``, signed with ``<ledger-dir>/site_ed25519.pem`` (0600)."""
+    folder = ledger_folder(context, site)
     key = load_or_create_key(folder / "site_ed25519.pem")
     return Ledger(folder / f"run-{context.run_id}.jsonl", key,
                   {"role": "site", "site": site.name if site else None, "run_id": context.run_id})
@@ -175,6 +178,9 @@ def describe(msg: Message, context: Context) -> Message:
     task, site, data = _open(context, msg)
     features, counts = task.describe(data)
     info = ConfigRecord({"site-name": site.name, "features": features})
+    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    if config.get("mode") == "train":  # a training run's site check: can this site's privacy budget carry it?
+        counts.update(_privacy_plan(context, msg, task, site, data))
     metrics = MetricRecord({"num-train": len(data.train), "num-test": len(data.test), **counts})
     return Message(RecordDict({"site": info, "metrics": metrics}), reply_to=msg)
 
@@ -184,10 +190,17 @@ def describe(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     from client.train import TrainSettings  # torch: imported by the messages that compute only
 
+    from client.privacy import DPSettings
+
     task, site, data = _open(context, msg)
     cfg = msg.content["config"]
+    server_round = int(cfg["server-round"])
+    dp = DPSettings.from_config(cfg)
+    budget = _budget(context, cfg, task, site, data, server_round)  # a site with a budget trains only with dp
     if cfg.get("objective") == "newton-cox":
         return _newton_step(msg, data)
+    if budget is not None:  # refuse a round the budget cannot carry, before any training
+        budget.policy.check_privacy(site.name, True, server_round, budget.after(0), budget.after(1))
     model = task.build(data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     settings = TrainSettings(
@@ -197,13 +210,76 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(cfg["lr"]),
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         seed=int(cfg["seed"]),
+        dp=dp,
     )
     started = time.perf_counter()
-    metrics = task.train(model, data, settings, int(cfg["server-round"]), site.name)
+    metrics = task.train(model, data, settings, server_round, site.name)
     metrics["train_seconds"] = time.perf_counter() - started
+    if budget is not None:  # spent once the weights exist: recorded before they can leave
+        run = str(cfg.get("run-key") or context.run_id)
+        budget.store.record(run, server_round, metrics["noise_multiplier"], metrics["sample_rate"],
+                            int(metrics["dp_steps"]))
+        metrics.update({"epsilon": budget.store.spent(budget.delta, run),
+                        "epsilon_spent": budget.store.spent(budget.delta), "delta": budget.delta})
+        if budget.policy.max_epsilon:
+            metrics["max_epsilon"] = budget.policy.max_epsilon
     metrics["num-examples"] = len(data.train)
     reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Budget:
+    """One data set's privacy budget as a dp round or run sees it (client/privacy.py)."""
+
+    policy: SitePolicy
+    store: object  # privacy.PrivacyBudget
+    delta: float
+    history: list
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # per round
+
+    def after(self, rounds: int) -> float:
+        from client.privacy import epsilon
+
+        return epsilon(self.history + [(self.noise_multiplier, self.sample_rate, self.steps * rounds)], self.delta)
+
+
+def _budget(context: Context, cfg, task, site: Site, data, server_round: int | None) -> _Budget | None:
+    """The budget of this round's data set, or ``None`` without dp; refuses dp where no ε would hold, and training
+    without dp where the policy sets a budget."""
+    from client import privacy
+
+    policy = SitePolicy.load(context.node_config.get("policy"), site.name)
+    dp = privacy.DPSettings.from_config(cfg)
+    policy.check_privacy(site.name, dp is not None, server_round, 0.0, 0.0)
+    if dp is None:
+        return None
+    if getattr(task, "endpoint", None) == "survival":
+        raise SiteDataError(f"site {site.name}: {privacy.COX_REFUSAL}")
+    store = privacy.PrivacyBudget(ledger_folder(context, site), task.fingerprint(site, data))
+    rate, steps = privacy.sample_plan(task.privacy_units(data), int(cfg["batch-size"]), int(cfg["local-epochs"]),
+                                      int(cfg["local-steps"]))
+    return _Budget(policy, store, policy.privacy_delta(dp.delta), store.history(), dp.noise_multiplier, rate, steps)
+
+
+def _privacy_plan(context: Context, msg: Message, task, site: Site, data) -> dict[str, float]:
+    """What the planned run would spend of this data set's budget, as numbers (the coordinator warns when fewer
+    rounds fit than the run asks for); a refusal when not one round fits."""
+    cfg = msg.content["config"]
+    budget = _budget(context, cfg, task, site, data, None)
+    if budget is None:
+        return {}
+    rounds = int(cfg["num-server-rounds"])
+    out = {"epsilon-spent": budget.after(0), "epsilon-planned": budget.after(rounds), "delta": budget.delta,
+           "dp-rounds-allowed": float(rounds)}
+    maximum = budget.policy.max_epsilon
+    if maximum:
+        allowed = next((r for r in range(rounds, 0, -1) if budget.after(r) <= maximum), 0)
+        budget.policy.check_privacy(site.name, True, 1, out["epsilon-spent"], budget.after(1))  # not one round fits
+        out.update({"dp-rounds-allowed": float(allowed), "max-epsilon": maximum})
+    return out
 
 
 def _newton_step(msg: Message, data) -> Message:

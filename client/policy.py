@@ -30,6 +30,8 @@ class SitePolicy:
     app_hashes: tuple[str, ...] = ()  # empty: any app
     modes: tuple[str, ...] = ()  # empty: every mode (train, validate, cross-site, analyse)
     max_analysis_iterations: int = DEFAULT_MAX_ANALYSIS_ITERATIONS
+    max_epsilon: float = 0.0  # > 0: training must use dp, and each data set's total ε stays within this
+    delta: float = 0.0  # the δ at which this site's ε is counted; 0: the run's dp-delta
 
     @classmethod
     def load(cls, path: str | Path | None, site: str) -> "SitePolicy":
@@ -40,14 +42,15 @@ class SitePolicy:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise PolicyRefusal(f"site {site}: policy file cannot be read ({type(exc).__name__}); refusing all work") from None
         unknown = set(raw) - {"tasks", "max-rounds", "min-examples", "allowed-app-hashes", "modes",
-                              "max-analysis-iterations"}
+                              "max-analysis-iterations", "max-epsilon", "delta"}
         if unknown:
             raise PolicyRefusal(f"site {site}: policy file has unknown keys {sorted(unknown)}; refusing all work")
         return cls(tuple(raw.get("tasks", ())), int(raw.get("max-rounds", 0)),
                    int(raw.get("min-examples", DEFAULT_MIN_EXAMPLES)),
                    tuple(str(h).lower() for h in raw.get("allowed-app-hashes", ())),
                    tuple(str(m) for m in raw.get("modes", ())),
-                   int(raw.get("max-analysis-iterations", DEFAULT_MAX_ANALYSIS_ITERATIONS)))
+                   int(raw.get("max-analysis-iterations", DEFAULT_MAX_ANALYSIS_ITERATIONS)),
+                   float(raw.get("max-epsilon", 0.0)), float(raw.get("delta", 0.0)))
 
     def check_run(self, site: str, task: str, num_rounds: int, server_round: int | None, app_hash: str | None,
                   mode: str = "train") -> None:
@@ -70,6 +73,25 @@ class SitePolicy:
         if iteration > self.max_analysis_iterations:
             raise PolicyRefusal(f"site {site}: policy refuses more than {self.max_analysis_iterations} Newton "
                                 "iterations of one analysis (each is a query of its data)")
+
+    def privacy_delta(self, run_delta: float) -> float:
+        """The δ this site counts its ε at: its own when the policy sets one."""
+        return self.delta or run_delta
+
+    def check_privacy(self, site: str, dp: bool, server_round: int | None, spent: float, after: float) -> None:
+        """With a budget (``max-epsilon``), training needs dp and must keep the data set's ε within it.
+
+        ``spent``: the data set's ε before this round; ``after``: with it.
+        """
+        if not self.max_epsilon:
+            return
+        if not dp:
+            raise PolicyRefusal(f"site {site}: policy refuses training without differential privacy (its budget is "
+                                f"max-epsilon = {self.max_epsilon:g}); run with dp = true")
+        if after > self.max_epsilon:
+            raise PolicyRefusal(f"site {site}: policy refuses round {server_round}: the privacy budget would be "
+                                f"exceeded (ε spent {spent:.3f} of max-epsilon {self.max_epsilon:g}; this round "
+                                f"would bring it to {after:.3f})")
 
     def check_examples(self, site: str, count: int, unit: str, work: str = "train on") -> None:
         if count < self.min_examples:

@@ -69,6 +69,49 @@ def check(
         raise typer.Exit(1)
 
 
+@site_app.command()
+def budget(
+    site: Annotated[str | None, typer.Option(help="The site's name: its ledger folder is "
+                                                  "$FEDHOSP_HOME/site-ledgers/<site> unless --ledger-dir is given.")] = None,
+    ledger_dir: Annotated[Path | None, typer.Option(help="The node's ledger-dir (node config).")] = None,
+    policy: Annotated[Path | None, typer.Option(help="The node's policy file (its max-epsilon and delta).")] = None,
+    delta: Annotated[float, typer.Option(help="The delta to count at when the policy sets none.")] = 1e-5,
+) -> None:
+    """Print what each data set's privacy budget has spent and has left (dp training, client/privacy.py)."""
+    from client.privacy import budgets
+    from client.site import fedhosp_home
+
+    if ledger_dir is None and site is None:
+        raise typer.BadParameter("give --site or --ledger-dir")
+    folder = ledger_dir or fedhosp_home() / "site-ledgers" / str(site)
+    name = site or folder.name
+    console = Console()
+    try:
+        rules = SitePolicy.load(policy, name)
+        found = budgets(folder)
+        delta = rules.privacy_delta(delta)
+        table = _table(f"site {name}: privacy budget at δ = {delta:g} (Opacus RDP accountant)", "data set",
+                       "runs", "rounds", "last used", "ε spent", "max-epsilon", "ε left")
+        total = 0.0
+        for store in found:
+            entries = store.entries()
+            spent = store.spent(delta)
+            total += spent
+            maximum = rules.max_epsilon
+            table.add_row(store.fingerprint[:12], str(len({e["run"] for e in entries})), str(len(entries)),
+                          entries[-1]["time"][:16] if entries else "–", f"{spent:.3f}",
+                          f"{maximum:g}" if maximum else "none", f"{max(maximum - spent, 0.0):.3f}" if maximum else "–")
+    except SiteDataError as exc:
+        Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(exc)))
+        raise typer.Exit(1) from None
+    console.print(table)
+    if not found:
+        console.print(f"no dp training has used data at this site yet ({folder})")
+    elif len(found) > 1:  # a patient in every export is bounded by the sum (basic composition)
+        console.print(f"all data sets together: ε ≤ {total:.3f} at δ ≤ {delta * len(found):g} for a patient "
+                      "present in every one of them")
+
+
 def _problem(console: Console, text: str) -> None:
     console.print(Text.assemble(("problem: ", "bold red"), text))
 

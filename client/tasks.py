@@ -39,6 +39,7 @@ class OncologyTask:
         self.model = str(run_config.get("model") or DEFAULT_MODEL["oncology"])
         self.seed = int(run_config.get("seed", 42))
         self.features = [c.strip() for c in str(run_config.get("features", "")).split(",") if c.strip()]
+        self.private = bool(run_config.get("dp", False))
 
     def demo_site(self, pid: int, count: int) -> Site:
         from client.data import demo
@@ -64,7 +65,12 @@ class OncologyTask:
 
     def build(self, data) -> nn.Module:
         hardware.configure(self.node_config)  # threads (the tiny oncology models stay on the CPU)
-        return build_model("oncology", self.model, endpoint=self.endpoint, num_features=len(data.features))
+        return build_model("oncology", self.model, endpoint=self.endpoint, num_features=len(data.features),
+                           private=self.private)
+
+    def privacy_units(self, data) -> int:
+        """The rows DP-SGD samples from, one per patient."""
+        return len(data.train)
 
     def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
         return _local().train_tabular(model, data.train, self.endpoint, cfg, server_round, site)
@@ -89,6 +95,7 @@ class RadiologyTask:
         self.model = str(run_config.get("model") or DEFAULT_MODEL["radiology"])
         self.image_size = int(run_config.get("image-size", 64))
         self.seed = int(run_config.get("seed", 42))
+        self.private = bool(run_config.get("dp", False))
         cache = node_config.get("cache-dir")
         self.cache_dir = Path(str(cache)) if cache else None
         self.node_config = node_config
@@ -116,7 +123,12 @@ class RadiologyTask:
 
     def build(self, data) -> nn.Module:
         self.device = hardware.configure(self.node_config).device  # node config device / threads
-        return build_model("radiology", self.model, target=self.target, image_size=self.image_size)
+        return build_model("radiology", self.model, target=self.target, image_size=self.image_size,
+                           private=self.private)
+
+    def privacy_units(self, data) -> int:
+        """Patients, not images: under dp a round trains on one image of each (client/train.py)."""
+        return len(np.unique(data.train.patients))
 
     def train(self, model, data, cfg: local.TrainSettings, server_round: int, site: str) -> dict[str, float]:
         return _local().train_images(model, data.train, dataclasses.replace(cfg, device=self.device), server_round, site)

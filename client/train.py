@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.privacy import DPSettings
 from models.oncology import binary_metrics, concordance_index, cox_partial_nll, response_loss
 from models.radiology import classification_metrics
 
@@ -28,6 +29,7 @@ class TrainSettings:
     proximal_mu: float = 0.0
     seed: int = 42
     device: str = "cpu"  # radiology: where the model and each batch go (client/hardware.py)
+    dp: DPSettings | None = None  # DP-SGD through Opacus (client/privacy.py)
 
 
 def round_seed(seed: int, server_round: int, site: str) -> int:
@@ -51,10 +53,23 @@ def _minibatches(n: int, cfg: TrainSettings, generator: torch.Generator) -> Iter
 
 def fit(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
         cfg: TrainSettings, server_round: int, site: str) -> dict[str, float]:
-    """Adam on ``batch_loss`` (plus FedProx's proximal term when ``proximal_mu > 0``)."""
+    """Adam on ``batch_loss`` (plus FedProx's proximal term when ``proximal_mu > 0``); DP-SGD when ``cfg.dp``.
+
+    Under dp the metrics add Opacus' accountant figures of the round: ``noise_multiplier``,
+    ``sample_rate`` and ``dp_steps``.
+    """
     seed = round_seed(cfg.seed, server_round, site)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    if cfg.dp is not None:
+        from client.privacy import private_fit
+
+        losses, history = private_fit(model, n, batch_loss, torch.optim.Adam(model.parameters(), lr=cfg.lr), cfg.dp,
+                                      cfg.batch_size, cfg.local_epochs, cfg.local_steps, generator)
+        (noise_multiplier, sample_rate, steps), = history  # one noise and one rate per round
+        return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "local_steps": float(len(losses)),
+                "noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
+                "dp_steps": float(steps)}
     global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
@@ -78,6 +93,8 @@ def train_tabular(model: nn.Module, data, endpoint: str, cfg: TrainSettings, ser
 
     def batch_loss(idx, _generator):
         out = model(x[idx])
+        if not len(idx):  # an empty Poisson batch (dp): a zero loss through the model
+            return out.sum()
         return cox_partial_nll(out, time[idx], event[idx]) if endpoint == "survival" else response_loss(out, label[idx])
 
     return fit(model, len(data), batch_loss, cfg, server_round, site)
@@ -105,14 +122,32 @@ def train_images(model: nn.Module, data, cfg: TrainSettings, server_round: int, 
     loss_fn = nn.CrossEntropyLoss()
     model.to(device)
 
+    rows = torch.arange(len(data))
+    if cfg.dp is not None:  # the unit of privacy is the patient: one image of each, drawn afresh every round
+        rows = one_image_per_patient(data.patients, torch.Generator().manual_seed(
+            round_seed(cfg.seed, server_round, site) + 1))
+
     def batch_loss(idx, generator):
+        idx = rows[idx]
+        if not len(idx):  # an empty Poisson batch (dp): a zero loss through the model
+            return model(images[idx].to(device)).sum()
         batch = _augment(images[idx], generator) if augment else images[idx]
         return loss_fn(model(batch.to(device)), labels[idx].to(device))
 
     try:
-        return fit(model, len(data), batch_loss, cfg, server_round, site)
+        return fit(model, len(rows), batch_loss, cfg, server_round, site)
     finally:
         model.to("cpu")
+
+
+def one_image_per_patient(patients: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    """The index of one image per patient (patients numbered 0..k-1), drawn with ``generator``."""
+    patients = torch.as_tensor(np.asarray(patients))
+    order = torch.randperm(len(patients), generator=generator)
+    first = {}
+    for i in order.tolist():
+        first.setdefault(int(patients[i]), i)
+    return torch.tensor(sorted(first.values()), dtype=torch.long)
 
 
 @torch.no_grad()

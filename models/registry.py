@@ -23,12 +23,23 @@ DEFAULT_MODEL = {"oncology": "linear", "radiology": "small-cnn"}
 
 
 def build_model(task: str, model: str, *, endpoint: str = "survival", num_features: int = 0,
-                target: str = "kl-grade", image_size: int = 64) -> nn.Module:
+                target: str = "kl-grade", image_size: int = 64, private: bool = False) -> nn.Module:
     """Build the task's network with fixed initial weights.
 
     oncology: ``endpoint`` and ``num_features`` (from the sites' common schema);
-    radiology: ``target`` and ``image_size``.
+    radiology: ``target`` and ``image_size``. ``private`` (run-config ``dp``): the
+    network as Opacus can train it (``ModuleValidator.fix``: BatchNorm becomes GroupNorm).
     """
+    model = _build(task, model, endpoint, num_features, target, image_size)
+    if private:
+        from opacus.validators import ModuleValidator
+
+        if ModuleValidator.validate(model, strict=False):
+            model = ModuleValidator.fix(model)
+    return model
+
+
+def _build(task: str, model: str, endpoint: str, num_features: int, target: str, image_size: int) -> nn.Module:
     import torch
 
     from models.oncology import ENDPOINTS, TabularNet

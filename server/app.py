@@ -8,7 +8,7 @@ every round a checkpoint lets a killed run continue (run-config ``resume-from``)
 from __future__ import annotations
 
 import json
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -94,12 +94,15 @@ def main(grid: Grid, context: Context) -> None:
     ledger_path = Path(resume.ledger_path) if resume else fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl"
     ledger = Ledger(ledger_path, coordinator_key(), {"role": "coordinator", "run_id": context.run_id})
     try:
-        sites, refused = discover_sites(grid, settings.min_nodes, settings.round_timeout)
+        sites, refused = discover_sites(grid, settings.min_nodes, settings.round_timeout, settings.site_check_config())
     except FederationError as exc:
         ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": str(exc)})
         raise
     for _, reason in refused.values():
         log(INFO, "fedhosp: %s", reason)
+    budget_warnings = [w for s in sites.values() if (w := s.budget_warning(settings.num_server_rounds))]
+    for warning in budget_warnings:
+        log(WARNING, "fedhosp: %s", warning)
     if settings.strategy == "bulyan" and len(sites) < 4 * settings.num_malicious_nodes + 3:
         reason = (f"bulyan with num-malicious-nodes={settings.num_malicious_nodes} needs at least "
                   f"{4 * settings.num_malicious_nodes + 3} sites; {len(sites)} take part")
@@ -107,7 +110,8 @@ def main(grid: Grid, context: Context) -> None:
         raise FederationError(reason)
     features = list(next(iter(sites.values())).features)
     log(INFO, "fedhosp: %d sites: %s", len(sites), ", ".join(sorted(s.name for s in sites.values())))
-    progress.emit("sites", sites=len(sites), task=settings.task, rounds=settings.num_server_rounds)
+    progress.emit("sites", sites=len(sites), task=settings.task, rounds=settings.num_server_rounds,
+                  warnings=budget_warnings)
     model = settings.build_model(len(features))
     offset = 0
     if resume:
@@ -121,8 +125,9 @@ def main(grid: Grid, context: Context) -> None:
             "run_config": settings.as_params(redact_paths=True), "strategy": settings.strategy,
             "app": {"fab_id": run.fab_id, "fab_version": run.fab_version, "fab_hash": run.fab_hash},
             "initial_model_hash": model_hash(model.state_dict()),
-            "sites": {s.name: {"num_train": s.num_train, "num_test": s.num_test, "skipped": s.skipped_rows}
-                      for s in sites.values()},
+            "sites": {s.name: {"num_train": s.num_train, "num_test": s.num_test, "skipped": s.skipped_rows,
+                               **({"privacy": s.privacy} if s.privacy else {})} for s in sites.values()},
+            "budget_warnings": budget_warnings,
             "refused": {site: reason for site, reason in refused.values()},
         })
     if offset >= settings.num_server_rounds:
@@ -130,7 +135,8 @@ def main(grid: Grid, context: Context) -> None:
 
     train_config = ConfigRecord({
         "lr": settings.lr, "local-epochs": settings.local_epochs, "local-steps": settings.local_steps,
-        "batch-size": settings.batch_size, "seed": settings.seed,
+        "batch-size": settings.batch_size, "seed": settings.seed, "run-key": str(original_run),
+        **settings.privacy_config(),
     })
     checkpoint_path = fedhosp_home() / "checkpoints" / f"run-{original_run}.npz"
     with Tracker(settings, context.run_id, sites, ledger, resume_run_id=resume.mlflow_run_id if resume else "") as tracker:
@@ -149,7 +155,8 @@ def main(grid: Grid, context: Context) -> None:
             metric = PRIMARY[settings.outcome]
             progress.emit("round", round=r.server_round, rounds=settings.num_server_rounds, answered=len(r.train),
                           sampled=len(set(r.train) | set(r.failures) | set(r.rejected)), failed=sorted(r.failures),
-                          metric=metric, value=r.evaluate_aggregate.get(metric), skipped=bool(r.skipped))
+                          metric=metric, value=r.evaluate_aggregate.get(metric), skipped=bool(r.skipped),
+                          epsilon=max((m["epsilon"] for m in r.train.values() if "epsilon" in m), default=None))
 
         names = {**{n: site for n, (site, _) in refused.items()}, **{n: s.name for n, s in sites.items()}}
         strategy = ReportingStrategy(inner, names, on_round, ledger, {s.name: s.num_train for s in sites.values()},

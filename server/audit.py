@@ -68,6 +68,7 @@ def rows(records: list[dict]) -> list[dict]:
             or received.get("model_hash") or d.get("final_model_hash") or d.get("initial_model_hash")
             or d.get("model_hash"),
             "metrics": d.get("metrics", sent.get("metrics")),
+            "epsilon": (d.get("metrics") or sent.get("metrics") or {}).get("epsilon"),
             "detail": d.get("reason") or (", ".join(d["sites"]) if isinstance(d.get("sites"), list) else "")
             or (d.get("verdict") and f"{d['verdict']}: " + ", ".join(
                 f"{site}={v.get('verdict')}" for site, v in (d.get("sites") or {}).items()))
@@ -82,13 +83,17 @@ def show(ledger: Path = typer.Argument(..., exists=True, dir_okay=False)) -> Non
     """A readable per-round table: sites, examples, model hashes (shortened), metrics, failures."""
     records = read_records(ledger)
     table = Table(title=f"{ledger.name}: {len(records)} records")
-    for column in ("seq", "round", "event", "site", "examples", "model", "metrics", "sites / reason"):
+    every = rows(records)
+    private = any(row["epsilon"] is not None for row in every)  # a dp run: ε of the run at each update
+    for column in ("seq", "round", "event", "site", "examples", "model", *(["ε"] if private else []), "metrics",
+                   "sites / reason"):
         table.add_column(column)
-    for row in rows(records):
+    for row in every:
         style = "red" if row["event"].endswith("failed") else None
+        epsilon = [] if not private else ["" if row["epsilon"] is None else f"{row['epsilon']:.3f}"]
         table.add_row(str(row["seq"]), str(row["round"] or ""), row["event"], row["site"] or "",
                       "" if row["num_examples"] is None else str(int(row["num_examples"])),
-                      _short(row["model_hash"]), _fmt_metrics(row["metrics"]), row["detail"], style=style)
+                      _short(row["model_hash"]), *epsilon, _fmt_metrics(row["metrics"]), row["detail"], style=style)
     console.print(table)
 
 

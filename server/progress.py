@@ -46,11 +46,16 @@ def describe(event: dict) -> str:
     kind = event.get("event")
     if kind == "sites":
         what = f"{event.get('rounds')} rounds" if event.get("rounds") else event.get("mode", "")
-        return f"{event.get('sites')} sites ready ({event.get('task')}, {what})"
+        text = f"{event.get('sites')} sites ready ({event.get('task')}, {what})"
+        for warning in event.get("warnings") or ():
+            text += f" · {warning}"
+        return text
     if kind == "round":
         text = f"round {event['round']}/{event['rounds']} · {event['answered']}/{event['sampled']} sites answered"
         if event.get("metric") and event.get("value") is not None:
             text += f" · {event['metric']} {event['value']:.3f}"
+        if event.get("epsilon") is not None:
+            text += f" · ε ≤ {event['epsilon']:.2f}"
         if event.get("failed"):
             text += f" · failed: {', '.join(event['failed'])}"
         if event.get("skipped"):

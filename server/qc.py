@@ -15,6 +15,8 @@ names one) at every site: the matrix shows which sites' models generalise.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime
 import hashlib
 import json
@@ -104,15 +106,17 @@ def model_settings(run_config: dict, spec: dict) -> RunSettings:
     if spec.get("image_size"):
         keys["image-size"] = int(spec["image_size"])
     try:
-        return RunSettings.from_run_config({**run_config, **keys})
+        settings = RunSettings.from_run_config({**run_config, **keys})
     except ValueError as exc:
         raise FederationError(f"model.json describes a model fedhosp cannot build: {exc}") from None
+    # a model trained with dp has Opacus' architecture (BatchNorm as GroupNorm); validating it trains nothing
+    return dataclasses.replace(settings, dp=bool(spec.get("dp", False)))
 
 
 def node_config(settings: RunSettings) -> dict:
     """What the nodes need to rebuild the model: names and numbers, never code."""
     return {"mode": settings.mode, "task": settings.task, "endpoint": settings.endpoint, "target": settings.target,
-            "model": settings.model, "image-size": settings.image_size}
+            "model": settings.model, "image-size": settings.image_size, "dp": settings.dp}
 
 
 def _send(grid: Grid, sites: dict[int, SiteInfo], content: dict[int, RecordDict], message_type: str,
@@ -303,7 +307,8 @@ def _result(settings: RunSettings, loaded: LoadedModel | None, crit: acceptance.
         "flwr_run_id": flwr_run_id, "mlflow_run_id": mlflow_run_id,
         "model": {"uri": settings.model_uri, "hash": loaded.hash if loaded else None, "task": settings.task,
                   "outcome": settings.outcome, "model": settings.model, "threshold": threshold,
-                  "registered": loaded.registered if loaded else None},
+                  "registered": loaded.registered if loaded else None,
+                  "privacy": (loaded.spec.get("privacy") or {}) if loaded else {}},
         "criteria": crit.as_dict(), "min_cell": settings.min_cell, "bootstrap_samples": settings.bootstrap_samples,
         "confidence": qc.CONFIDENCE, "metrics": list(functions), "sites": sites, "cross_site": cross,
     }

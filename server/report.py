@@ -270,6 +270,10 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
 <tr><th>Task / outcome</th><td>{{ model.task or "n/a" }} / {{ model.outcome or "n/a" }}</td></tr>
 <tr><th>Architecture</th><td>{{ model.model or "n/a" }}</td></tr>
 <tr><th>Decision threshold</th><td>{{ threshold }}</td></tr>
+{% if r.mode != "cross-site" %}<tr><th>Differential privacy</th><td>{% if model.privacy %}trained with DP-SGD (Opacus); what the model reveals about one
+patient of each site's training data is bounded by:
+{% for site, p in model.privacy | dictsort %}{{ site }} ε = {{ "%.2f" | format(p.epsilon) }} at δ = {{ p.delta }}{{ "; " if not loop.last else "" }}{% endfor %}
+{% else %}none (trained without dp){% endif %}</td></tr>{% endif %}
 </table>
 <div class="verdict {{ verdict_class }}"><div class="big">{{ verdict }}</div>
 {% if r.reasons %}<ul>{% for reason in r.reasons %}<li>{{ reason }}</li>{% endfor %}</ul>{% endif %}</div>

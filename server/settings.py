@@ -57,6 +57,10 @@ class RunSettings:
     subgroups: str = ""
     km_bin: float = 30.0
     penalizer: float = 0.01
+    dp: bool = False
+    dp_noise_multiplier: float = 1.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunSettings":
@@ -109,6 +113,8 @@ class RunSettings:
                 self.task, self.endpoint, self.model) != ("oncology", "survival", "linear"):
             raise ValueError("run-config strategy='newton' fits the linear Cox model: it needs task='oncology', "
                              "endpoint='survival', model='linear'")
+        if self.dp:
+            self._check_dp()
         if self.penalizer < 0:
             raise ValueError("run-config penalizer must not be negative")
         if self.min_cell < 1:
@@ -127,6 +133,36 @@ class RunSettings:
             raise ValueError("run-config trim-beta must be in [0, 0.5)")
         if self.batch_size < 2:
             raise ValueError("run-config batch-size must be at least 2 (a Cox risk set needs pairs)")
+
+    def _check_dp(self) -> None:
+        from client.privacy import COX_REFUSAL
+
+        if self.mode != "train":
+            raise ValueError(f"run-config dp applies to training; mode={self.mode!r} releases aggregates that min-cell "
+                             "protects (see the README's privacy section)")
+        if self.task == "oncology" and self.endpoint == "survival":
+            raise ValueError(f"run-config {COX_REFUSAL}")
+        if self.strategy in ("fedprox", "newton"):
+            raise ValueError(f"run-config dp with strategy={self.strategy!r}: "
+                             + ("Opacus clips per-patient gradients only, so FedProx's proximal term would be "
+                                "dropped; use fedavg or a server optimiser" if self.strategy == "fedprox" else
+                                "the exact Cox fit is the survival endpoint"))
+        if self.dp_noise_multiplier <= 0 or self.dp_max_grad_norm <= 0:
+            raise ValueError("run-config dp-noise-multiplier and dp-max-grad-norm must be positive")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError("run-config dp-delta must be in (0, 1)")
+
+    def privacy_config(self) -> dict[str, object]:
+        """The train message's dp keys (data only); empty without dp."""
+        if not self.dp:
+            return {}
+        return {"dp": True, "dp-noise-multiplier": self.dp_noise_multiplier, "dp-max-grad-norm": self.dp_max_grad_norm,
+                "dp-delta": self.dp_delta}
+
+    def site_check_config(self) -> dict[str, object]:
+        """What a training run's site check tells the nodes: the plan a site's privacy budget is checked against."""
+        return {"mode": "train", "num-server-rounds": self.num_server_rounds, "local-epochs": self.local_epochs,
+                "local-steps": self.local_steps, "batch-size": self.batch_size, **self.privacy_config()}
 
     @property
     def covariate_list(self) -> list[str]:
@@ -151,7 +187,7 @@ class RunSettings:
         from models.registry import build_model
 
         return build_model(self.task, self.model, endpoint=self.endpoint, num_features=num_features,
-                           target=self.target, image_size=self.image_size)
+                           target=self.target, image_size=self.image_size, private=self.dp)
 
     def input_example(self, num_features: int = 0):
         import numpy as np

@@ -6,6 +6,7 @@ the run with a clear error and leaves no half-finished run behind.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -26,6 +27,16 @@ class SiteInfo:
     num_train: int
     num_test: int
     skipped_rows: int
+    privacy: dict[str, float] = dataclasses.field(default_factory=dict)  # a dp run's plan against the site's budget
+
+    def budget_warning(self, rounds: int) -> str:
+        """Said before round 1 when the site's privacy budget carries fewer rounds than the run asks for."""
+        allowed = self.privacy.get("dp-rounds-allowed")
+        if allowed is None or allowed >= rounds:
+            return ""
+        return (f"site {self.name}: its privacy budget carries {int(allowed)} of the {rounds} rounds "
+                f"(ε spent {self.privacy['epsilon-spent']:.3f} of max-epsilon {self.privacy['max-epsilon']:g}); "
+                f"it will refuse round {int(allowed) + 1} and later")
 
 
 def reason_text(reason: str) -> str:
@@ -72,6 +83,7 @@ def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, tim
     return ok, failed
 
 
+PRIVACY_PLAN = ("epsilon-spent", "epsilon-planned", "delta", "dp-rounds-allowed", "max-epsilon")
 REFUSAL = re.compile(r"^site (?P<site>.+?): policy refuses")
 
 
@@ -103,8 +115,9 @@ def discover_sites(grid: Grid, minimum: int, timeout: float, config: dict | None
             problems.append(reason_text(msg.error.reason))
         else:
             info, metrics = msg.content["site"], msg.content["metrics"]
+            privacy = {k: float(metrics[k]) for k in PRIVACY_PLAN if k in metrics}
             sites[node] = SiteInfo(node, str(info["site-name"]), tuple(info["features"]), int(metrics["num-train"]),
-                                   int(metrics["num-test"]), int(metrics["skipped-rows"]))
+                                   int(metrics["num-test"]), int(metrics["skipped-rows"]), privacy)
     if problems:
         raise FederationError("site check failed:\n  - " + "\n  - ".join(problems))
     if not sites:

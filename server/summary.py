@@ -150,6 +150,14 @@ def print_analysis(summary: dict, console: Console) -> None:
     console.print(f"Open the UI     : [bold]{ui_command(summary['tracking_uri'])}[/]")
 
 
+def _privacy_cells(site: dict | None) -> list[str]:
+    """ε of this run at the site's δ, and the data set's total against its budget (∞: no budget set)."""
+    if not site:
+        return ["–", "–"]
+    budget = f"{site['max_epsilon']:g}" if site.get("max_epsilon") else "∞"
+    return [f"{site['epsilon']:.2f} (δ={site['delta']:g})", f"{site.get('epsilon_spent', site['epsilon']):.2f} / {budget}"]
+
+
 def print_summary(summary: dict, console: Console) -> None:
     if summary.get("mode") == "analyse":
         print_analysis(summary, console)
@@ -161,15 +169,19 @@ def print_summary(summary: dict, console: Console) -> None:
     unit = "patients" if summary["task"] == "oncology" else "images"
     table = Table(title=f"fedhosp run {summary['flwr_run_id']}: {summary['task']} ({summary['outcome']}), "
                         f"{summary['rounds']} rounds, {summary['strategy']}")
-    for column in ["site", f"train {unit}", f"test {unit}", *metrics, "eval loss"]:
+    privacy = summary.get("privacy") or {}
+    extra = ["ε (this run)", "ε spent / budget"] if privacy else []
+    for column in ["site", f"train {unit}", f"test {unit}", *metrics, "eval loss", *extra]:
         table.add_column(column, justify="left" if column == "site" else "right")
     for name, site in sorted(summary["sites"].items()):
         table.add_row(name, _fmt(site.get("num_train")), _fmt(site.get("num_test")),
-                      *[_fmt(site.get(m)) for m in metrics], _fmt(site.get("loss")))
+                      *[_fmt(site.get(m)) for m in metrics], _fmt(site.get("loss")),
+                      *(_privacy_cells(privacy.get(name)) if privacy else []))
     agg = summary.get("aggregate", {})
     table.add_row("[bold]federation[/] (weighted)", _fmt(sum(s.get("num_train", 0) for s in summary["sites"].values())),
                   _fmt(sum(s.get("num_test", 0) for s in summary["sites"].values())),
-                  *[f"[bold]{_fmt(agg.get(m))}[/]" for m in metrics], _fmt(agg.get("loss")))
+                  *[f"[bold]{_fmt(agg.get(m))}[/]" for m in metrics], _fmt(agg.get("loss")),
+                  *(["", ""] if privacy else []))
     console.print(table)
     if summary.get("failures"):
         console.print(f"[yellow]site failures by round[/]: {summary['failures']}")

@@ -150,8 +150,11 @@ class Tracker(_OpenRun):
             f"federation/num_{self.unit}": float(sum(m.get("num-examples", 0) for m in r.train.values())),
         }
         for key, value in r.train_aggregate.items():
-            if key != "num-examples":
+            if key != "num-examples" and key not in PRIVACY_METRICS:  # an average of sites' ε means nothing
                 metrics[f"federation/{key}"] = value
+        epsilons = [m["epsilon"] for m in r.train.values() if "epsilon" in m]
+        if epsilons:
+            metrics["federation/epsilon_max"] = max(epsilons)
         for key, value in r.evaluate_aggregate.items():
             if key != "num-examples":
                 metrics[f"federation/{'eval_loss' if key == 'loss' else key}"] = value
@@ -187,6 +190,7 @@ class Tracker(_OpenRun):
             "task": self.settings.task, "outcome": self.settings.outcome, "model": self.settings.model,
             "features": features, "image_size": self.settings.image_size if self.settings.task == "radiology" else None,
             "threshold": 0.5, "model_hash": digest, "flwr_run_id": self.flwr_run_id, "mlflow_run_id": self.run_id,
+            "dp": self.settings.dp, "privacy": self.privacy(),
         }
         torch.save(state, folder / "model.pt")
         (folder / "model.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
@@ -201,7 +205,8 @@ class Tracker(_OpenRun):
         self.version = version
         if version is not None:
             contributing = sorted(set().union(*(r.train for r in self.rounds)))  # sites whose updates were used
-            for key, value in {"fedhosp.sites": ",".join(contributing),
+            privacy = {"fedhosp.privacy": json.dumps(spec["privacy"], sort_keys=True)} if spec["privacy"] else {}
+            for key, value in {**privacy, "fedhosp.sites": ",".join(contributing),
                                "fedhosp.model_hash": digest, FLWR_RUN_TAG: str(self.flwr_run_id)}.items():
                 self.client.set_model_version_tag(registered_name(self.settings), str(version), key, value)
         last = self.rounds[-1] if self.rounds else None
@@ -224,8 +229,24 @@ class Tracker(_OpenRun):
             "failures": {r.server_round: r.failures for r in self.rounds if r.failures},
             "rejected": {r.server_round: r.rejected for r in self.rounds if r.rejected},
             "skipped_rounds": [r.server_round for r in self.rounds if r.skipped],
+            "privacy": spec["privacy"],
         }
         return summary
+
+    def privacy(self) -> dict[str, dict[str, float]]:
+        """Each dp site's last reported ε of this run (what the final model reveals about its patients, at δ),
+        its data set's total spent, and its budget; empty for a run without dp."""
+        out: dict[str, dict[str, float]] = {}
+        for r in self.rounds:
+            for site, numbers in r.train.items():
+                if "epsilon" in numbers:
+                    rounds = out.get(site, {}).get("rounds", 0) + 1
+                    out[site] = {**{k: numbers[k] for k in ("epsilon", "delta", "epsilon_spent", "max_epsilon",
+                                                            "noise_multiplier") if k in numbers}, "rounds": rounds}
+        return out
+
+
+PRIVACY_METRICS = ("epsilon", "epsilon_spent", "delta", "max_epsilon", "noise_multiplier", "sample_rate", "dp_steps")
 
 
 def register_version(client: MlflowClient, name: str, source: str, run_id: str | None) -> str | None:

@@ -1,0 +1,191 @@
+"""Differential privacy at the site: DP-SGD through Opacus, and the hospital's own ε budget on its disk.
+
+Why here: what a site's weights reveal about one patient is bounded only if the
+bound is applied where the patients are. With run-config ``dp = true`` a node
+trains with Opacus (per-sample clipping to ``dp-max-grad-norm``, Gaussian noise
+``dp-noise-multiplier`` × that norm, Poisson sampling of the training rows) and
+counts what it spent with Opacus' RDP accountant. Every DP release of a data set
+is appended to ``<ledger-dir>/privacy/<data fingerprint>.json``, so the budget
+survives runs and restarts, and the node refuses a round that would take the
+data set past the policy's ``max-epsilon`` (client/policy.py).
+
+The unit of privacy is the patient: a cohort row is one patient; a radiology
+round draws one image per patient, so one Poisson-sampled row is one patient.
+The sampler's and the noise's random generators are seeded from the operating
+system, never from the run's seed, which the coordinator knows (it could
+otherwise regenerate the noise and subtract it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from client.data.tabular import SiteDataError
+
+ACCOUNTANT = "rdp"  # Opacus' Rényi-DP accountant: its history composes across rounds and runs by concatenation
+BUDGET_FOLDER = "privacy"
+# The Cox partial likelihood couples every patient of a risk set: clipping one row's gradient does not bound one
+# patient's influence on the others' terms, so no ε that Opacus would print holds for it.
+COX_REFUSAL = ("dp is refused for the survival endpoint: the Cox partial likelihood couples every patient in a risk "
+               "set, so per-sample clipping does not bound one patient's influence and no reported ε would hold; "
+               "use endpoint = 'response', or train survival without dp")
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+
+    @classmethod
+    def from_config(cls, config) -> "DPSettings | None":
+        """The message config's ``dp-*`` keys; ``None`` when the run does not ask for dp."""
+        if not bool(config.get("dp", False)):
+            return None
+        return cls(float(config["dp-noise-multiplier"]), float(config["dp-max-grad-norm"]), float(config["dp-delta"]))
+
+
+def sample_plan(units: int, batch_size: int, local_epochs: int, local_steps: int) -> tuple[float, int]:
+    """(sample rate, steps) of one round, as Opacus' Poisson loader will take them.
+
+    Opacus sets the sample rate to 1 / (the batches of the non-private loader) and
+    draws that many batches per epoch; ``local_steps > 0`` stops after that many.
+    """
+    batches = max(1, math.ceil(units / max(1, min(batch_size, units))))
+    return 1.0 / batches, (local_steps if local_steps > 0 else local_epochs * batches)
+
+
+def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε at ``delta`` of a list of (noise multiplier, sample rate, steps), by Opacus' RDP accountant."""
+    history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not history:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = history
+    return float(accountant.get_epsilon(delta=delta))
+
+
+class PrivacyBudget:
+    """Every DP release of one data set on this node: ``<folder>/privacy/<fingerprint>.json``.
+
+    Entries: ``{"time", "run", "round", "noise_multiplier", "sample_rate", "steps"}``.
+    Written under a lock, to a temporary file that replaces the old one (fsynced), so
+    a node killed mid-write keeps the previous state.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.fingerprint = fingerprint
+        self.path = Path(folder) / BUDGET_FOLDER / f"{fingerprint}.json"
+
+    def entries(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        try:
+            return list(json.loads(self.path.read_text(encoding="utf-8"))["entries"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # an unreadable budget must not read as "nothing spent"
+            raise BudgetUnreadable(f"the privacy budget file {self.path.name} cannot be read "
+                                   f"({type(exc).__name__}); refusing dp work until it is restored") from None
+
+    def history(self, run: str | None = None) -> list[tuple[float, float, int]]:
+        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()
+                if run is None or e["run"] == run]
+
+    def spent(self, delta: float, run: str | None = None) -> float:
+        return epsilon(self.history(run), delta)
+
+    def record(self, run: str, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(self.path.with_suffix(".lock")):
+            entries = self.entries()
+            entries.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": run,
+                            "round": server_round, "noise_multiplier": noise_multiplier,
+                            "sample_rate": sample_rate, "steps": steps})
+            text = json.dumps({"fingerprint": self.fingerprint, "accountant": ACCOUNTANT, "entries": entries},
+                              indent=1)
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+
+
+class BudgetUnreadable(SiteDataError):
+    """The budget file exists but cannot be read (its text names no data)."""
+
+
+@contextmanager
+def _locked(path: Path):
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def budgets(folder: Path) -> list[PrivacyBudget]:
+    """Every data set's budget kept under a ledger folder."""
+    return [PrivacyBudget(folder, p.stem) for p in sorted((Path(folder) / BUDGET_FOLDER).glob("*.json"))]
+
+
+def private_fit(model, units: int, batch_loss: Callable, optimiser, dp: DPSettings, batch_size: int,
+                local_epochs: int, local_steps: int, augment_generator
+                ) -> tuple[list[float], list[tuple[float, float, int]]]:
+    """DP-SGD with Opacus over ``units`` rows: the losses, and Opacus' accountant history of this round.
+
+    ``batch_loss(idx, generator)`` is the task's loss of the rows ``idx`` (an empty
+    ``idx`` must give a zero loss through the model: Poisson batches can be empty).
+    """
+    import torch
+    from opacus import PrivacyEngine
+
+    _, steps = sample_plan(units, batch_size, local_epochs, local_steps)
+    with _quiet():
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
+    sampler = torch.Generator().manual_seed(secrets.randbits(63))
+    noise = torch.Generator().manual_seed(secrets.randbits(63))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(units)),
+                                         batch_size=max(1, min(batch_size, units)), generator=sampler)
+    private, optimiser, loader = engine.make_private(
+        module=model, optimizer=optimiser, data_loader=loader, noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm, poisson_sampling=True, noise_generator=noise)
+    losses: list[float] = []
+    private.train()
+    try:
+        while len(losses) < steps:
+            for (idx,) in loader:
+                with _quiet():
+                    loss = batch_loss(idx, augment_generator)
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                losses.append(float(loss.detach()))
+                if len(losses) >= steps:
+                    break
+    finally:
+        private._close()  # the hooks go; the original module keeps the trained weights
+    return losses, list(engine.accountant.history)
+
+
+@contextmanager
+def _quiet():
+    """Opacus warns about its non-cryptographic RNG (we seed it from the OS) and about backward hooks on inputs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
