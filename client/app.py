@@ -219,10 +219,10 @@ def train(msg: Message, context: Context) -> Message:
         run = str(cfg.get("run-key") or context.run_id)
         budget.store.record(run, server_round, metrics["noise_multiplier"], metrics["sample_rate"],
                             int(metrics["dp_steps"]))
+        # the same keys at every site (Flower aggregates only uniform records): max_epsilon 0 = no budget set
         metrics.update({"epsilon": budget.store.spent(budget.delta, run),
-                        "epsilon_spent": budget.store.spent(budget.delta), "delta": budget.delta})
-        if budget.policy.max_epsilon:
-            metrics["max_epsilon"] = budget.policy.max_epsilon
+                        "epsilon_spent": budget.store.spent(budget.delta), "delta": budget.delta,
+                        "max_epsilon": budget.policy.max_epsilon})
     metrics["num-examples"] = len(data.train)
     reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)

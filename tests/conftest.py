@@ -89,7 +89,7 @@ def _own_fedhosp_home(tmp_path, monkeypatch):
 # evenly and the quick unit tests fill the gaps at the end; every worker collects the same order.
 WEIGHTS = {
     "test_a_supernode_killed": 200, "test_a_killed_coordinator": 170, "test_validation_verdicts_report": 170,
-    "test_tls_node_auth": 150, "test_poisoned_updates": 140, "test_cross_site_matrix": 130,
+    "test_tls_node_auth": 150, "test_poisoned_updates": 140, "test_a_site_privacy_budget": 105, "test_cross_site_matrix": 130,
     "test_radiology_simulation": 90, "test_planted_identifiers": 85, "test_single_site_intervals": 63, "test_main_job": 60,
     "test_response_endpoint": 47, "test_the_newton_strategy": 40,
     # one shared analysis federation: its first reader builds it early, the others read it at the end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -231,3 +232,71 @@ def test_a_supernode_killed_during_training_fails_that_round_and_rejoins_when_it
     assert any((rnd, victim) in updates for rnd in range(failed_in + 1, 4)), (failed_in, sorted(updates))
     assert not any(site.startswith("node-") for _, site in failed)  # failures are named by site
     assert [r["event"] for r in records][-1] == "run-end"
+
+
+def test_a_site_privacy_budget_stops_its_dp_training_mid_run_and_still_holds_after_its_supernode_restarts(tmp_path):
+    from typer.testing import CliRunner
+
+    from client.data.tabular import load_cohort
+    from client.privacy import epsilon, sample_plan
+    from server.cli import app as cli
+
+    dirs = demo.write_demo(tmp_path / "data", 2)
+    names = [d.name for d in dirs]
+    capped = names[1]
+    config = {"endpoint": "response", "dp": True, "dp-noise-multiplier": 1.1, "num-server-rounds": 2,
+              "local-epochs": 1, "batch-size": 64, "min-train-nodes": 1}
+    rate, steps = sample_plan(len(load_cohort(dirs[1], capped, "response").train), 64, 1, 0)
+    one, two = (epsilon([(1.1, rate, steps * r)], 1e-5) for r in (1, 2))
+    policy = tmp_path / "budget.toml"
+    policy.write_text(f"max-epsilon = {(one + two) / 2}\n")  # one round of this run fits, two do not
+    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)), policies={capped: policy},
+                      mlflow_server=False) as d:
+        first = run_on(d, APP_DIR, config)
+        assert first.ok, first.log[-3000:]
+        assert f"site {capped}: its privacy budget carries 1 of the 2 rounds" in first.log  # told before round 1
+        # the node goes down and comes back (hospital IT restarts it): its budget is on its disk, not in memory
+        name, proc = next((n, p) for n, p in d.processes.started if n == f"supernode-{capped}")
+        runner.stop_process_group(proc, grace=10.0)
+        home = d.workdir / "sites" / capped
+        log = d.workdir / "logs" / f"{name}-restarted.log"
+        node = d.processes.start(name, proc.args, site_env(d.env, home), log)
+        while "SuperNode ID" not in (log.read_text() if log.exists() else ""):
+            if node.poll() is not None:  # refused while the SuperLink still held its old session: start it again
+                node = d.processes.start(name, proc.args, site_env(d.env, home), log)
+            time.sleep(0.5)
+        second = run_on(d, APP_DIR, {**config, "num-server-rounds": 1})
+        assert second.ok, second.log[-3000:]
+        client = MlflowClient(d.mlflow_uri)
+        runs = client.search_runs([client.get_experiment_by_name("fedhosp").experiment_id],
+                                  order_by=["attributes.start_time ASC"])
+        tags = client.get_model_version("fedhosp-oncology-response", "1").tags
+    drop_database(d.backend)
+    ledgers = d.workdir / "coordinator" / "ledgers"
+    coordinator = read_records(ledgers / f"run-{first.run_id}.jsonl")
+    refused = [r["data"] for r in coordinator if r["event"] == "update-failed"]
+    assert [(r["round"], r["site"]) for r in refused] == [(2, capped)]
+    assert "policy refuses round 2: the privacy budget would be exceeded" in refused[0]["reason"]
+    updates = {(r["data"]["round"], r["data"]["site"]): r["data"]["metrics"]["epsilon"]
+               for r in coordinator if r["event"] == "update"}
+    assert set(updates) == {(1, names[0]), (2, names[0]), (1, capped)}
+    assert updates[(1, names[0])] < updates[(2, names[0])]  # ε grows with every round, in the coordinator's ledger
+    assert [r["event"] for r in coordinator].count("aggregation") == 2  # noisy updates aggregate
+    # MLflow: ε per site per round, and the model's privacy on its registered version
+    history = {site: [m.value for m in client.get_metric_history(runs[0].info.run_id, f"{site}/epsilon")]
+               for site in names}
+    assert history[capped] == [updates[(1, capped)]] and len(history[names[0]]) == 2
+    assert json.loads(tags["fedhosp.privacy"])[capped]["epsilon"] == pytest.approx(one, rel=1e-9)
+    # the site's own ledger records what it sent, with ε, and the refusal
+    site = read_records(d.workdir / "sites" / capped / "ledger" / f"run-{first.run_id}.jsonl")
+    assert [r["data"]["sent"]["metrics"]["epsilon"] for r in site if r["event"] == "train"] == [updates[(1, capped)]]
+    assert any(r["event"] == "train-failed" and "privacy budget" in r["data"]["reason"] for r in site)
+    # after the restart, the new run's site check already hears the refusal: the budget held
+    start = next(r["data"] for r in read_records(ledgers / f"run-{second.run_id}.jsonl") if r["event"] == "run-start")
+    assert f"site {capped}: policy refuses round 1: the privacy budget would be exceeded" in start["refused"][capped]
+    budget = CliRunner().invoke(cli, ["site", "budget", "--ledger-dir", str(d.workdir / "sites" / capped / "ledger"),
+                                      "--policy", str(policy)], env={"COLUMNS": "200"})
+    assert budget.exit_code == 0 and f"{one:.3f}" in budget.output and f"{(one + two) / 2 - one:.3f}" in budget.output
+    shown = CliRunner().invoke(cli, ["audit", "show", str(ledgers / f"run-{first.run_id}.jsonl")],
+                               env={"COLUMNS": "250"})
+    assert shown.exit_code == 0 and "ε" in shown.output and f"{updates[(1, capped)]:.3f}" in shown.output
