@@ -48,6 +48,15 @@ def runtime_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def isolated_env(folder: Path, ports: dict[str, str]) -> tuple[dict[str, str], str]:
+    """An environment whose FEDHOSP_HOME, FLWR_HOME and SQLite MLflow store lie under ``folder``, with its own
+    SuperLink ports (a benchmark beside the tests), and that store's URI."""
+    env = runtime_env({**os.environ, "FEDHOSP_HOME": str(Path(folder) / "home"),
+                       "FLWR_HOME": str(Path(folder) / "flwr"), **ports})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env, f"sqlite:///{folder}/mlflow.db"
+
+
 def _port(env: dict[str, str]) -> str:
     return env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
 

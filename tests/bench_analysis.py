@@ -136,9 +136,7 @@ def main(datasets: str = typer.Option("demo,gbsg2", help=f"Comma list of {', '.j
     lines = []
     with tempfile.TemporaryDirectory(prefix="fedhosp-bench-analysis-") as tmp_name:
         tmp = Path(tmp_name)
-        env = runner.runtime_env({**os.environ, "FEDHOSP_HOME": str(tmp / "home"), "FLWR_HOME": str(tmp / "flwr"),
-                                  **BENCH_PORTS})
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        env, uri = runner.isolated_env(tmp, BENCH_PORTS)
         mlflow.set_tracking_uri(uri)
         with runner.local_superlink(env):
             for key in [d.strip() for d in datasets.split(",") if d.strip()]:

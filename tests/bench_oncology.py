@@ -336,9 +336,7 @@ def main(
     results: list[DatasetResult] = []
     with tempfile.TemporaryDirectory(prefix="fedhosp-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        env = runner.runtime_env({**os.environ, "FEDHOSP_HOME": str(tmp / "home"), "FLWR_HOME": str(tmp / "flwr"),
-                                  **BENCH_PORTS})
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        env, uri = runner.isolated_env(tmp, BENCH_PORTS)
         for key in names:  # central baselines first: seconds, and they validate the site folders
             title, write = DATASETS[key]
             root = tmp / "data" / key

@@ -401,10 +401,7 @@ def main(
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fedhosp-bench-rad-") as tmp_name:
         tmp = Path(tmp_name)
-        env = runner.runtime_env({**os.environ, "FEDHOSP_HOME": str(tmp / "home"), "FLWR_HOME": str(tmp / "flwr"),
-                                  **BENCH_PORTS})
-        env.pop("MLFLOW_TRACKING_URI", None)
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        env, uri = runner.isolated_env(tmp, BENCH_PORTS)
         root = tmp / "data"
         write_radiology_demo(root, N_SITES, seed)
         cache = Path(env["FEDHOSP_HOME"]) / "cache" / "radiology"  # where the nodes look

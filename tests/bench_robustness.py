@@ -373,10 +373,7 @@ def main(
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="fedhosp-bench-robust-") as tmp_name:
         tmp = Path(tmp_name)
-        env = runner.runtime_env({**os.environ, "FEDHOSP_HOME": str(tmp / "home"), "FLWR_HOME": str(tmp / "flwr"),
-                                  **BENCH_PORTS})
-        env.pop("MLFLOW_TRACKING_URI", None)
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        env, uri = runner.isolated_env(tmp, BENCH_PORTS)
         everyone = tmp / "data" / "all"
         folders = write_demo(everyone, NUM_SITES, seed)
         sites = sorted(f.name for f in folders)

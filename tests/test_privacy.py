@@ -227,3 +227,23 @@ def test_site_budget_prints_what_each_data_set_spent_and_has_left(tmp_path):
     assert "δ = 1e-06" in out.output and "abababababab" in out.output
     assert f"{spent:.3f}" in out.output and f"{10 - spent:.3f}" in out.output
     assert PrivacyBudget(tmp_path / "ledger", "ab" * 32).spent(1e-6) == spent  # read back from disk
+
+
+def test_the_run_summary_shows_each_sites_epsilon_and_budget():
+    from rich.console import Console
+
+    from server.summary import print_summary
+
+    summary = {"flwr_run_id": 7, "mlflow_run_id": "abc", "tracking_uri": "sqlite:///x.db", "experiment": "fedhosp",
+               "rounds": 2, "task": "oncology", "outcome": "response", "strategy": "fedavg",
+               "registered_model": "models:/m/1", "model_file": "/m/model.pt", "model_hash": "f" * 64,
+               "sites": {"Fyn": {"num_train": 400, "num_test": 130, "auc": 0.7},
+                         "Sjælland": {"num_train": 300, "num_test": 100, "auc": 0.68}},
+               "aggregate": {"auc": 0.69}, "failures": {},
+               "privacy": {"Fyn": {"epsilon": 2.5, "delta": 1e-5, "epsilon_spent": 4.25, "max_epsilon": 8.0},
+                           "Sjælland": {"epsilon": 1.25, "delta": 1e-6, "epsilon_spent": 1.25, "max_epsilon": 0.0}}}
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    text = console.export_text()
+    assert "ε (this run)" in text and "2.50 (δ=1e-05)" in text and "4.25 / 8" in text
+    assert "1.25 (δ=1e-06)" in text and "1.25 / ∞" in text  # no budget set at Sjælland

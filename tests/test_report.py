@@ -149,3 +149,14 @@ def test_plots_are_png():
     assert forest_plot_png(result, "auc").startswith(PNG)
     assert forest_plot_png(result, "not-a-metric").startswith(PNG)
     assert reliability_png("Sjælland", reliability([None] * 10), min_cell=10).startswith(PNG)
+
+
+def test_the_report_says_how_private_the_model_under_validation_is():
+    plain = render_report(make_result())
+    assert "Differential privacy" in plain and "none (trained without dp)" in plain
+    result = make_result()
+    result["model"]["privacy"] = {"Hovedstaden": {"epsilon": 2.9876, "delta": 1e-05},
+                                  "Sjælland": {"epsilon": 1.5, "delta": 1e-05}}
+    html = render_report(result)
+    assert "trained with DP-SGD (Opacus)" in html
+    assert "Hovedstaden ε = 2.99 at δ = 1e-05" in html and "Sjælland ε = 1.50 at δ = 1e-05" in html
