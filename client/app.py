@@ -218,7 +218,9 @@ def train(msg: Message, context: Context) -> Message:
     if budget is not None:  # spent once the weights exist: recorded before they can leave
         run = str(cfg.get("run-key") or context.run_id)
         budget.store.record(run, server_round, metrics["noise_multiplier"], metrics["sample_rate"],
-                            int(metrics["dp_steps"]))
+                            int(metrics["dp_steps"]), delta=budget.delta,
+                            check=lambda spent, total: budget.policy.check_privacy(site.name, True, server_round,
+                                                                                   spent, total))
         # the same keys at every site (Flower aggregates only uniform records): max_epsilon 0 = no budget set
         metrics.update({"epsilon": budget.store.spent(budget.delta, run),
                         "epsilon_spent": budget.store.spent(budget.delta), "delta": budget.delta,

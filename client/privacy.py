@@ -105,10 +105,17 @@ class PrivacyBudget:
     def spent(self, delta: float, run: str | None = None) -> float:
         return epsilon(self.history(run), delta)
 
-    def record(self, run: str, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    def record(self, run: str, server_round: int, noise_multiplier: float, sample_rate: float, steps: int,
+               check: Callable[[float, float], None] | None = None, delta: float = 0.0) -> None:
+        """Append one release. ``check(spent, total)`` (at ``delta``) runs under the lock with the file as it is
+        now, so two runs training on the same data at once cannot both spend the last of the budget: it raises
+        to refuse, and then nothing is recorded (and the caller sends nothing)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path.with_suffix(".lock")):
             entries = self.entries()
+            if check is not None:
+                history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+                check(epsilon(history, delta), epsilon(history + [(noise_multiplier, sample_rate, steps)], delta))
             entries.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": run,
                             "round": server_round, "noise_multiplier": noise_multiplier,
                             "sample_rate": sample_rate, "steps": steps})

@@ -247,3 +247,17 @@ def test_the_run_summary_shows_each_sites_epsilon_and_budget():
     text = console.export_text()
     assert "ε (this run)" in text and "2.50 (δ=1e-05)" in text and "4.25 / 8" in text
     assert "1.25 (δ=1e-06)" in text and "1.25 / ∞" in text  # no budget set at Sjælland
+
+
+def test_two_runs_racing_for_the_last_of_the_budget_cannot_both_spend_it(tmp_path):
+    from client.policy import SitePolicy
+
+    policy = SitePolicy(max_epsilon=2.2)  # one release spends 1.96, two 2.59
+    store = PrivacyBudget(tmp_path, "cd" * 32)
+    # both runs checked the budget before training (each alone fits); the second to record is refused
+    store.record("1", 1, 1.5, 0.1, 20, delta=1e-5,
+                 check=lambda spent, total: policy.check_privacy("A", True, 1, spent, total))
+    with pytest.raises(PolicyRefusal, match="policy refuses round 1: the privacy budget would be exceeded"):
+        store.record("2", 1, 1.5, 0.1, 20, delta=1e-5,
+                     check=lambda spent, total: policy.check_privacy("A", True, 1, spent, total))
+    assert [e["run"] for e in store.entries()] == ["1"]
