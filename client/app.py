@@ -190,12 +190,9 @@ def describe(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     from client.train import TrainSettings  # torch: imported by the messages that compute only
 
-    from client.privacy import DPSettings
-
     task, site, data = _open(context, msg)
     cfg = msg.content["config"]
     server_round = int(cfg["server-round"])
-    dp = DPSettings.from_config(cfg)
     budget = _budget(context, cfg, task, site, data, server_round)  # a site with a budget trains only with dp
     if cfg.get("objective") == "newton-cox":
         return _newton_step(msg, data)
@@ -210,7 +207,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(cfg["lr"]),
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         seed=int(cfg["seed"]),
-        dp=dp,
+        dp=budget.dp if budget is not None else None,
     )
     started = time.perf_counter()
     metrics = task.train(model, data, settings, server_round, site.name)
@@ -235,17 +232,17 @@ class _Budget:
     """One data set's privacy budget as a dp round or run sees it (client/privacy.py)."""
 
     policy: SitePolicy
+    dp: object  # privacy.DPSettings
     store: object  # privacy.PrivacyBudget
     delta: float
     history: list
-    noise_multiplier: float
     sample_rate: float
     steps: int  # per round
 
     def after(self, rounds: int) -> float:
         from client.privacy import epsilon
 
-        return epsilon(self.history + [(self.noise_multiplier, self.sample_rate, self.steps * rounds)], self.delta)
+        return epsilon(self.history + [(self.dp.noise_multiplier, self.sample_rate, self.steps * rounds)], self.delta)
 
 
 def _budget(context: Context, cfg, task, site: Site, data, server_round: int | None) -> _Budget | None:
@@ -263,7 +260,7 @@ def _budget(context: Context, cfg, task, site: Site, data, server_round: int | N
     store = privacy.PrivacyBudget(ledger_folder(context, site), task.fingerprint(site, data))
     rate, steps = privacy.sample_plan(task.privacy_units(data), int(cfg["batch-size"]), int(cfg["local-epochs"]),
                                       int(cfg["local-steps"]))
-    return _Budget(policy, store, policy.privacy_delta(dp.delta), store.history(), dp.noise_multiplier, rate, steps)
+    return _Budget(policy, dp, store, policy.privacy_delta(dp.delta), store.history(), rate, steps)
 
 
 def _privacy_plan(context: Context, msg: Message, task, site: Site, data) -> dict[str, float]:

@@ -99,8 +99,7 @@ class PrivacyBudget:
                                    f"({type(exc).__name__}); refusing dp work until it is restored") from None
 
     def history(self, run: str | None = None) -> list[tuple[float, float, int]]:
-        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()
-                if run is None or e["run"] == run]
+        return _history(self.entries(), run)
 
     def spent(self, delta: float, run: str | None = None) -> float:
         return epsilon(self.history(run), delta)
@@ -114,7 +113,7 @@ class PrivacyBudget:
         with _locked(self.path.with_suffix(".lock")):
             entries = self.entries()
             if check is not None:
-                history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+                history = _history(entries)
                 check(epsilon(history, delta), epsilon(history + [(noise_multiplier, sample_rate, steps)], delta))
             entries.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": run,
                             "round": server_round, "noise_multiplier": noise_multiplier,
@@ -127,6 +126,11 @@ class PrivacyBudget:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+
+
+def _history(entries: list[dict], run: str | None = None) -> list[tuple[float, float, int]]:
+    """The accountant's (noise multiplier, sample rate, steps) of the entries (of one run, if given)."""
+    return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries if run is None or e["run"] == run]
 
 
 class BudgetUnreadable(SiteDataError):

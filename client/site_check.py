@@ -92,12 +92,11 @@ def budget(
         delta = rules.privacy_delta(delta)
         table = _table(f"site {name}: privacy budget at δ = {delta:g} (Opacus RDP accountant)", "data set",
                        "runs", "rounds", "last used", "ε spent", "max-epsilon", "ε left")
-        total = 0.0
+        total, maximum = 0.0, rules.max_epsilon
         for store in found:
             entries = store.entries()
             spent = store.spent(delta)
             total += spent
-            maximum = rules.max_epsilon
             table.add_row(store.fingerprint[:12], str(len({e["run"] for e in entries})), str(len(entries)),
                           entries[-1]["time"][:16] if entries else "–", f"{spent:.3f}",
                           f"{maximum:g}" if maximum else "none", f"{max(maximum - spent, 0.0):.3f}" if maximum else "–")

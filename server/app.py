@@ -156,7 +156,7 @@ def main(grid: Grid, context: Context) -> None:
             progress.emit("round", round=r.server_round, rounds=settings.num_server_rounds, answered=len(r.train),
                           sampled=len(set(r.train) | set(r.failures) | set(r.rejected)), failed=sorted(r.failures),
                           metric=metric, value=r.evaluate_aggregate.get(metric), skipped=bool(r.skipped),
-                          epsilon=max((m["epsilon"] for m in r.train.values() if "epsilon" in m), default=None))
+                          epsilon=r.epsilon_max)
 
         names = {**{n: site for n, (site, _) in refused.items()}, **{n: s.name for n, s in sites.items()}}
         strategy = ReportingStrategy(inner, names, on_round, ledger, {s.name: s.num_train for s in sites.values()},

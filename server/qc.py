@@ -16,7 +16,6 @@ names one) at every site: the matrix shows which sites' models generalise.
 from __future__ import annotations
 
 import dataclasses
-
 import datetime
 import hashlib
 import json

@@ -6,10 +6,9 @@ the run with a clear error and leaves no half-finished run behind.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -27,7 +26,7 @@ class SiteInfo:
     num_train: int
     num_test: int
     skipped_rows: int
-    privacy: dict[str, float] = dataclasses.field(default_factory=dict)  # a dp run's plan against the site's budget
+    privacy: dict[str, float] = field(default_factory=dict)  # a dp run's plan against the site's budget
 
     def budget_warning(self, rounds: int) -> str:
         """Said before round 1 when the site's privacy budget carries fewer rounds than the run asks for."""

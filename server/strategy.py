@@ -86,6 +86,11 @@ class SiteRound:
     train_aggregate: dict[str, float] = field(default_factory=dict)
     evaluate_aggregate: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def epsilon_max(self) -> float | None:
+        """Under dp, the largest ε a site reported this round (an average of ε would mean nothing)."""
+        return max((m["epsilon"] for m in self.train.values() if "epsilon" in m), default=None)
+
 
 def arrays_hash(arrays: ArrayRecord) -> str:
     return model_hash({k: a.numpy() for k, a in arrays.items()})

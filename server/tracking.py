@@ -152,9 +152,8 @@ class Tracker(_OpenRun):
         for key, value in r.train_aggregate.items():
             if key != "num-examples" and key not in PRIVACY_METRICS:  # an average of sites' ε means nothing
                 metrics[f"federation/{key}"] = value
-        epsilons = [m["epsilon"] for m in r.train.values() if "epsilon" in m]
-        if epsilons:
-            metrics["federation/epsilon_max"] = max(epsilons)
+        if r.epsilon_max is not None:
+            metrics["federation/epsilon_max"] = r.epsilon_max
         for key, value in r.evaluate_aggregate.items():
             if key != "num-examples":
                 metrics[f"federation/{'eval_loss' if key == 'loss' else key}"] = value
