@@ -18,13 +18,16 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import qc
-from client.data.tabular import SiteDataError, cohort_fingerprint
-from client.ledger import Ledger, load_or_create_key
+from client import validation as site_validation
+from models import wire
+from client.data.tabular import cohort_fingerprint
+from models.errors import COX_REFUSAL, SiteDataError
+from models.ledger import Ledger, load_or_create_key
 from client.policy import SitePolicy, installed_app_hash
-from client.site import Site, fedhosp_home, resolve_site
+from client.site import Site, resolve_site
+from models.home import fedhosp_home
 from client.tasks import task_for
-from models.registry import model_hash
+from models.builders import model_hash
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fedhosp.data"
@@ -256,7 +259,7 @@ def _budget(context: Context, cfg, task, site: Site, data, server_round: int | N
     if dp is None:
         return None
     if getattr(task, "endpoint", None) == "survival":
-        raise SiteDataError(f"site {site.name}: {privacy.COX_REFUSAL}")
+        raise SiteDataError(f"site {site.name}: {COX_REFUSAL}")
     store = privacy.PrivacyBudget(ledger_folder(context, site), task.fingerprint(site, data))
     rate, steps = privacy.sample_plan(task.privacy_units(data), int(cfg["batch-size"]), int(cfg["local-epochs"]),
                                       int(cfg["local-steps"]))
@@ -319,7 +322,7 @@ def validate(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     policy = SitePolicy.load(context.node_config.get("policy"), site.name)
     policy.check_examples(site.name, len(data.test), task.unit, "validate on")
-    settings = qc.QCSettings(bootstrap=int(cfg["bootstrap-samples"]), min_cell=int(cfg["min-cell"]),
+    settings = site_validation.QCSettings(bootstrap=int(cfg["bootstrap-samples"]), min_cell=int(cfg["min-cell"]),
                              threshold=float(cfg["threshold"]), seed=int(cfg["seed"]))
     records = dict(msg.content.array_records)
     started = time.perf_counter()
@@ -328,9 +331,9 @@ def validate(msg: Message, context: Context) -> Message:
         model = task.build(data)
         model.load_state_dict(record.to_torch_state_dict())
         subgroups = name in ("arrays", "model/global")  # the model under validation, not the sites' own
-        result = qc.validate(task.predictions(model, data),
+        result = site_validation.validate(task.predictions(model, data),
                              settings if subgroups else dataclasses.replace(settings, subgroups=False))
-        metrics.update(qc.flatten(result, "" if name == "arrays" else name.removeprefix("model/") + "::"))
+        metrics.update(wire.flatten(result, "" if name == "arrays" else name.removeprefix("model/") + "::"))
     metrics["validate_seconds"] = time.perf_counter() - started
     metrics["num-examples"] = len(data.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

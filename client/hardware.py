@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from client.data.tabular import SiteDataError
+from models.errors import SiteDataError
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -12,14 +12,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.data.tabular import SiteDataError
+from models.errors import PolicyRefusal
 
 DEFAULT_MIN_EXAMPLES = 20
 DEFAULT_MAX_ANALYSIS_ITERATIONS = 25  # each Newton iteration of an analysis is a query of the site's data
-
-
-class PolicyRefusal(SiteDataError):
-    """The site's policy refuses this work. The message is safe to leave the node."""
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from client.data.tabular import SiteDataError
+from models.errors import SiteDataError
 
 ACCOUNTANT = "rdp"  # Opacus' Rényi-DP accountant: its history composes across rounds and runs by concatenation
 BUDGET_FOLDER = "privacy"
 # The Cox partial likelihood couples every patient of a risk set: clipping one row's gradient does not bound one
 # patient's influence on the others' terms, so no ε that Opacus would print holds for it.
-COX_REFUSAL = ("dp is refused for the survival endpoint: the Cox partial likelihood couples every patient in a risk "
-               "set, so per-sample clipping does not bound one patient's influence and no reported ε would hold; "
-               "use endpoint = 'response', or train survival without dp")
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,11 @@ k-th demo region of the task, generated once under ``$FEDHOSP_HOME/demo``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.data.tabular import SiteDataError
-
-
-def fedhosp_home() -> Path:
-    """Where fedhosp keeps its local state: ``$FEDHOSP_HOME``, else ``~/.fedhosp``."""
-    return Path(os.environ.get("FEDHOSP_HOME") or Path.home() / ".fedhosp").expanduser().resolve()
+from models.errors import SiteDataError
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from client.data.tabular import (COHORT_FILE, RESERVED, SiteDataError, cohort_fingerprint, identifier_like,
-                                 load_cohort, read_cohort)
+from client.data.tabular import COHORT_FILE, RESERVED, cohort_fingerprint, identifier_like, load_cohort, read_cohort
+from models.errors import SiteDataError
 from client.policy import SitePolicy
 
 site_app = typer.Typer(no_args_is_help=True)
@@ -79,7 +79,7 @@ def budget(
 ) -> None:
     """Print what each data set's privacy budget has spent and has left (dp training, client/privacy.py)."""
     from client.privacy import budgets
-    from client.site import fedhosp_home
+    from models.home import fedhosp_home
 
     if ledger_dir is None and site is None:
         raise typer.BadParameter("give --site or --ledger-dir")

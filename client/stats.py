@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.data.tabular import COHORT_FILE, SiteDataError, read_cohort
+from client.data.tabular import COHORT_FILE, read_cohort
+from models.errors import SiteDataError
 
 log = logging.getLogger(__name__)
 MAX_LEVELS = 10  # a subgroup column is a handful of integer codes (mutation 0/1, sex, stage)

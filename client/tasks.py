@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from client import hardware
-from client.qc import Predictions
-from client.site import Site, fedhosp_home
-from models.registry import DEFAULT_MODEL, build_model
+from models.metrics import Predictions
+from client.site import Site
+from models.home import fedhosp_home
+from models.builders import DEFAULT_MODEL, build_model
 
 if TYPE_CHECKING:
     from torch import nn

@@ -36,8 +36,8 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from client.ledger import Ledger
-from client.site import fedhosp_home
+from models.ledger import Ledger
+from models.home import fedhosp_home
 from client.stats import ARMS, ledger_view
 from server import progress
 from server.newton import MAX_ITERATIONS, FitError, NewtonFit

@@ -16,10 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from client.ledger import Ledger, load_or_create_key
-from client.site import fedhosp_home
-from models.registry import model_hash
-from client.qc import PRIMARY
+from models.ledger import Ledger, load_or_create_key
+from models.home import fedhosp_home
+from models.builders import model_hash
+from models.metrics import PRIMARY
 from server import checkpoint as ckpt
 from server import progress
 from server.settings import RunSettings
@@ -59,8 +59,8 @@ def find_checkpoint(settings: RunSettings) -> ckpt.Checkpoint | None:
 
 
 def validate(grid: Grid, context: Context, settings: RunSettings) -> None:
-    """``mode = validate | cross-site`` (server/qc.py), recorded in the same kind of signed ledger."""
-    from server.qc import run_validation  # the report's matplotlib and SciPy: a training run never pays for them
+    """``mode = validate | cross-site`` (server/validate.py), recorded in the same kind of signed ledger."""
+    from server.validate import run_validation  # the report's matplotlib and SciPy: a training run never pays for them
 
     ledger = Ledger(fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl", coordinator_key(),
                     {"role": "coordinator", "run_id": context.run_id})

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.ledger import parse_public_key, read_records, verify as verify_ledger
+from models.ledger import parse_public_key, read_records, verify as verify_ledger
 
 audit_app = typer.Typer(no_args_is_help=True, help="Check and read coordinator and site ledgers.")
 console = Console()
@@ -152,7 +152,7 @@ def _same(a, b) -> bool:
 
 def reconcile_validation(coordinator: list[dict], sites: list[list[dict]]) -> list[str]:
     """A validation: the figures each site says it sent are exactly those the coordinator recorded."""
-    from client.qc import flatten
+    from models.wire import flatten
 
     start = next((r["data"] for r in coordinator if r["event"] == "run-start"), {})
     result = next((r["data"] for r in coordinator if r["event"] == "validation-result"), None)

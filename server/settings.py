@@ -80,7 +80,7 @@ class RunSettings:
 
     def check(self) -> None:
         from models import oncology, radiology
-        from models.registry import TASKS
+        from models.builders import TASKS
 
         if self.task not in TASKS:
             raise ValueError(f"run-config task={self.task!r}; choose one of {TASKS}")
@@ -135,7 +135,7 @@ class RunSettings:
             raise ValueError("run-config batch-size must be at least 2 (a Cox risk set needs pairs)")
 
     def _check_dp(self) -> None:
-        from client.privacy import COX_REFUSAL
+        from models.errors import COX_REFUSAL
 
         if self.mode != "train":
             raise ValueError(f"run-config dp applies to training; mode={self.mode!r} releases aggregates that min-cell "
@@ -173,7 +173,7 @@ class RunSettings:
         return [c.strip() for c in self.subgroups.split(",") if c.strip()]
 
     def validation(self):
-        from server.validation import ValidationSettings
+        from server.update_checks import ValidationSettings
 
         return ValidationSettings(self.validate_updates, self.max_update_norm, self.max_update_ratio,
                                   self.max_examples)
@@ -184,7 +184,7 @@ class RunSettings:
         return self.endpoint if self.task == "oncology" else self.target
 
     def build_model(self, num_features: int = 0):
-        from models.registry import build_model
+        from models.builders import build_model
 
         return build_model(self.task, self.model, endpoint=self.endpoint, num_features=num_features,
                            target=self.target, image_size=self.image_size, private=self.dp)

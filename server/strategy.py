@@ -28,11 +28,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from client.ledger import Ledger
-from models.registry import model_hash
+from models.ledger import Ledger
+from models.builders import model_hash
 from server.settings import RunSettings
 from server.sites import reason_text
-from server.validation import ValidationSettings, validate_updates
+from server.update_checks import ValidationSettings, validate_updates
 
 
 def build_strategy(settings: RunSettings, num_sites: int, num_nodes: int | None = None) -> Strategy:

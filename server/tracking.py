@@ -20,9 +20,9 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from client.ledger import Ledger
-from client.site import fedhosp_home
-from models.registry import model_hash
+from models.ledger import Ledger
+from models.home import fedhosp_home
+from models.builders import model_hash
 from server.settings import RunSettings
 from server.sites import SiteInfo
 from server.strategy import SiteRound

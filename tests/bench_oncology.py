@@ -42,7 +42,7 @@ from client.data.demo import write_demo
 from client.data.tabular import SiteCohort, Split, load_cohort
 from client.train import evaluate_tabular
 from models.oncology import cox_partial_nll
-from models.registry import build_model
+from models.builders import build_model
 from server import runner
 from server.settings import STRATEGIES
 from server.summary import find_summary

@@ -49,7 +49,7 @@ from client import hardware
 from client.data.dicom import ImageSplit, RadiologySite, load_radiology_site
 from client.data.radiology_demo import write_radiology_demo
 from client.train import TrainSettings, evaluate_images, train_images
-from models.registry import build_model
+from models.builders import build_model
 from server import runner
 from server.settings import STRATEGIES, RunSettings
 from server.summary import find_summary

@@ -57,7 +57,7 @@ from rich.table import Table  # noqa: E402
 
 from client import hardware  # noqa: E402
 from client.data.demo import write_demo  # noqa: E402
-from client.ledger import read_records  # noqa: E402
+from models.ledger import read_records  # noqa: E402
 from server import runner  # noqa: E402
 from server.summary import find_summary  # noqa: E402
 from server.tracking import FLWR_RUN_TAG  # noqa: E402

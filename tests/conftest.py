@@ -25,7 +25,7 @@ TRAIN_MESSAGE = """
 import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from client.app import app
-from models.registry import build_model
+from models.builders import build_model
 
 def message(kind, content):
     meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",

@@ -15,9 +15,9 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 from lifelines import CoxPHFitter, KaplanMeierFitter
 
 from client.data import demo
-from client.data.tabular import SiteDataError
-from client.ledger import read_records
-from client.policy import PolicyRefusal
+from models.errors import SiteDataError
+from models.ledger import read_records
+from models.errors import PolicyRefusal
 from client.stats import describe, load_analysis_data, time_bins
 from server.analyse import Request, kaplan_meier, logrank, plan_fits
 from server.newton import FitError, NewtonFit

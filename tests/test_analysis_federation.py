@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from client.data import demo
-from client.ledger import read_records
+from models.ledger import read_records
 from client.stats import time_bins
 from server import runner
 from server.audit import audit_app

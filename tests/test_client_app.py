@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from client.app import app
 from client.data import demo
-from models.registry import build_model, model_hash
+from models.builders import build_model, model_hash
 
 RUN_CONFIG = {"task": "oncology", "endpoint": "survival", "model": "linear", "seed": 42, "data-root": ""}
 
@@ -155,7 +155,7 @@ def test_densenet121_trains_a_step_and_returns_every_tensor_it_received(knee_dir
 def test_the_node_config_chooses_device_and_threads_and_a_missing_gpu_is_named(knee_dir):
     import torch
 
-    from client.data.tabular import SiteDataError
+    from models.errors import SiteDataError
 
     threads = torch.get_num_threads()
     ctx, content = _radiology(knee_dir, **{"local-steps": 1})

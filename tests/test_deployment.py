@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from client.data import demo
-from client.ledger import read_records
+from models.ledger import read_records
 from server import runner
 from server.credentials import make_node_key, make_tls
 from server.deploy import (deploy_local, drop_database, free_port, run_on, site_env, superlink_command,

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from client.data import demo, dicom
 from client.data.dicom import Skip, load_radiology_site, read_image, site_report
-from client.data.tabular import SiteDataError
+from models.errors import SiteDataError
 from client.site_check import site_app
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from client.data import demo
 from client.data.tabular import load_cohort
 from models.oncology import concordance_index, cox_partial_nll
-from models.registry import build_model, model_hash
+from models.builders import build_model, model_hash
 from server import runner
 from server.summary import find_summary, summary_from_log
 from server.tracking import FLWR_RUN_TAG
@@ -51,7 +51,7 @@ def _check_ledgers(home: Path, flwr_run_id: int, run, client, sites: list[str], 
     """Both ledgers exist, verify against the MLflow head, reconcile, and hold no identifier or path."""
     from typer.testing import CliRunner
 
-    from client.ledger import read_records
+    from models.ledger import read_records
     from server.audit import audit_app
 
     cli = CliRunner()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from client import hardware
-from client.data.tabular import SiteDataError
+from models.errors import SiteDataError
 
 
 @pytest.fixture(autouse=True)

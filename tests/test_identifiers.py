@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from client.app import app
 from client.data.dicom import VENDORS, vendor_group
 from client.data.radiology_demo import radiology_regions, write_radiology_site
-from client.ledger import read_records
-from models.registry import build_model
+from models.ledger import read_records
+from models.builders import build_model
 from tests.test_client_app import _message
 
 PLANTED = "St. Olav PACS, J. Hansen 010170-1234"
@@ -79,7 +79,7 @@ def test_an_identifier_like_column_is_refused_unnamed_unless_the_run_declares_it
     from flwr.app import MessageType
 
     from client.data import demo
-    from client.data.tabular import SiteDataError
+    from models.errors import SiteDataError
     from tests.test_client_app import _context
 
     folder = tmp_path / "site"

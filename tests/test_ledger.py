@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from client.ledger import GENESIS, Ledger, load_or_create_key, read_records, record_hash
+from models.ledger import GENESIS, Ledger, load_or_create_key, read_records, record_hash
 from server.audit import audit_app
 
 runner = CliRunner()

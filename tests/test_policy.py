@@ -3,8 +3,9 @@
 import pytest
 from flwr.app import MessageType
 
-from client.ledger import read_records
-from client.policy import PolicyRefusal, SitePolicy, installed_app_hash
+from models.ledger import read_records
+from client.policy import SitePolicy, installed_app_hash
+from models.errors import PolicyRefusal
 from tests.test_client_app import _context, _message, _train_content
 
 

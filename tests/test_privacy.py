@@ -12,11 +12,12 @@ import torch
 from flwr.app import MessageType
 
 from client.data import demo
-from client.data.tabular import SiteDataError, load_cohort
-from client.ledger import read_records
-from client.policy import PolicyRefusal
+from client.data.tabular import load_cohort
+from models.errors import SiteDataError
+from models.ledger import read_records
+from models.errors import PolicyRefusal
 from client.privacy import PrivacyBudget, sample_plan
-from models.registry import build_model, model_hash
+from models.builders import build_model, model_hash
 from tests.conftest import APP_DIR
 from tests.test_client_app import _context, _message, _train_content
 
@@ -127,7 +128,7 @@ def test_the_budget_refuses_the_round_that_would_overspend_and_a_restarted_node_
     policy = f"max-epsilon = {(one + two) / 2}\n"
     script = f"""
 import sys; sys.path.insert(0, {str(APP_DIR)!r})
-from client.policy import PolicyRefusal
+from models.errors import PolicyRefusal
 from tests.test_privacy import _dp_train, _node
 from pathlib import Path
 from client.app import app

@@ -10,7 +10,8 @@ import pytest
 from scipy.stats import bootstrap
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from client import qc
+from client import validation as qc
+from models import metrics, wire
 from client.data.dicom import load_radiology_site
 from client.data.radiology_demo import radiology_regions, write_radiology_site
 from server import criteria as acceptance
@@ -22,27 +23,27 @@ def _binary(n=300, groups=None):
     y = RNG.integers(0, 2, n)
     score = np.clip(0.35 + 0.3 * y + RNG.normal(0, 0.2, n), 0, 1)
     score[:15] = 0.5  # ties
-    return qc.Predictions("referral", score, y, groups=groups)
+    return metrics.Predictions("referral", score, y, groups=groups)
 
 
 def test_fast_metrics_equal_scikit_learn():
     pred = _binary()
-    assert qc.auc(pred.score, pred.y) == pytest.approx(roc_auc_score(pred.y, pred.score), abs=1e-12)
+    assert metrics.auc(pred.score, pred.y) == pytest.approx(roc_auc_score(pred.y, pred.score), abs=1e-12)
     y = RNG.integers(0, 5, 200)
     prob = RNG.dirichlet(np.ones(5), 200)
-    assert qc.quadratic_kappa(prob.argmax(1), y, 5) == pytest.approx(
+    assert metrics.quadratic_kappa(prob.argmax(1), y, 5) == pytest.approx(
         cohen_kappa_score(y, prob.argmax(1), weights="quadratic", labels=list(range(5))), abs=1e-12)
-    functions = qc.metric_functions("kl-grade", 0.5)
+    functions = metrics.metric_functions("kl-grade", 0.5)
     macro = np.mean([roc_auc_score(y == c, prob[:, c]) for c in range(5)])
-    assert functions["auc"](qc.Predictions("kl-grade", prob, y)) == pytest.approx(macro, abs=1e-12)
-    binary = qc.metric_functions("referral", 0.6)
+    assert functions["auc"](metrics.Predictions("kl-grade", prob, y)) == pytest.approx(macro, abs=1e-12)
+    binary = metrics.metric_functions("referral", 0.6)
     assert binary["sensitivity"](pred) == pytest.approx(((pred.score >= 0.6) & (pred.y == 1)).sum() / (pred.y == 1).sum())
     assert binary["specificity"](pred) == pytest.approx(((pred.score < 0.6) & (pred.y == 0)).sum() / (pred.y == 0).sum())
 
 
 def test_bootstrap_interval_agrees_with_scipy_percentile_bootstrap():
     pred = _binary(400)
-    ours = qc.estimate(pred, {"auc": qc.metric_functions("referral", 0.5)["auc"]}, 2000, seed=3)["auc"]
+    ours = metrics.estimate(pred, {"auc": metrics.metric_functions("referral", 0.5)["auc"]}, 2000, seed=3)["auc"]
     ref = bootstrap((pred.score, pred.y), lambda s, y: roc_auc_score(y, s), paired=True, vectorized=False,
                     n_resamples=2000, method="percentile", random_state=5).confidence_interval
     assert ours["low"] < ours["value"] < ours["high"]
@@ -51,7 +52,7 @@ def test_bootstrap_interval_agrees_with_scipy_percentile_bootstrap():
 
 def test_patient_bootstrap_draws_whole_patients():
     clusters = np.repeat(np.arange(50), 2)  # every patient has both knees imaged
-    for idx in qc.bootstrap_indices(100, clusters, 20, seed=1):
+    for idx in metrics.bootstrap_indices(100, clusters, 20, seed=1):
         assert len(idx) == 100
         drawn = clusters[idx]
         assert all(np.sum(drawn == p) % 2 == 0 for p in np.unique(drawn))
@@ -65,14 +66,14 @@ def test_small_groups_are_suppressed_and_no_count_can_be_recovered():
     result = qc.validate(pred, qc.QCSettings(bootstrap=50, min_cell=10))
     # the small group is not even named: only that one group of "age" was suppressed
     assert "80+" not in result["subgroups"]["age"]
-    assert result["subgroups"]["age"][qc.SUPPRESSED] == {"suppressed": True, "groups": 1}
+    assert result["subgroups"]["age"][wire.SUPPRESSED] == {"suppressed": True, "groups": 1}
     assert "n" not in result["subgroups"]["age"]["50-64"]  # 300 - 143 - 150 would give the 7 away
     assert result["subgroups"]["sex"]["F"]["n"] == 150  # nothing suppressed: counts are fine
-    flat = qc.flatten(result)
+    flat = wire.flatten(result)
     assert not [k for k in flat if "80+" in k] and flat["g/age/~suppressed"] == 1.0
     counts = [c for c in result["reliability"]["count"] if c is not None]
     assert all(c >= 10 for c in counts)
-    assert qc.unflatten(flat)["subgroups"] == result["subgroups"]
+    assert wire.unflatten(flat)["subgroups"] == result["subgroups"]
 
 
 def test_dicom_headers_give_sex_age_and_vendor_groups_and_patients(tmp_path: Path):
@@ -125,7 +126,7 @@ def test_drift_flags_a_fall_beyond_the_margin_and_a_bar_no_longer_cleared():
 
 def test_every_shipped_criteria_file_loads_and_bad_ones_are_named(tmp_path: Path):
     for outcome in ("survival", "response", "referral", "kl-grade"):
-        crit = acceptance.load_criteria("", outcome, tuple(qc.metric_functions(outcome, 0.5)))
+        crit = acceptance.load_criteria("", outcome, tuple(metrics.metric_functions(outcome, 0.5)))
         assert crit.rules and crit.file == f"configs/acceptance/{outcome}.toml"
     bad = tmp_path / "bad.toml"
     bad.write_text('outcome = "referral"\n[[rule]]\nmetric = "dice"\nmin = 0.5\n')
@@ -142,8 +143,8 @@ def test_a_model_that_cannot_be_used_is_refused_with_the_reason(tmp_path: Path):
 
     import torch
 
-    from models.registry import build_model, model_hash
-    from server.qc import load_model
+    from models.builders import build_model, model_hash
+    from server.validate import load_model
     from server.settings import RunSettings
     from server.sites import FederationError
 

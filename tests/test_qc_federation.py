@@ -23,9 +23,9 @@ from scipy.stats import bootstrap
 
 from client.data import demo
 from client.data.tabular import Split, load_cohort
-from client.qc import CONFIDENCE, auc
+from models.metrics import CONFIDENCE, auc
 from client.train import TrainSettings, predict, train_tabular
-from models.registry import build_model, model_hash
+from models.builders import build_model, model_hash
 from server import runner
 from server.summary import find_summary
 from server.tracking import _experiment_id, mlflow_name, register_version
@@ -144,7 +144,7 @@ def test_validation_verdicts_report_registry_suppression_and_drift(superlink, tm
             assert f"g/{attribute}/{value}/" not in text
 
     # what each site says it sent is exactly what the coordinator recorded (the auditor's reconcile)
-    from client.ledger import read_records
+    from models.ledger import read_records
     from server.audit import reconcile_validation
 
     records = read_records(home / "ledgers" / f"run-{outcome.run_id}.jsonl")

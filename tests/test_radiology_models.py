@@ -6,7 +6,7 @@ import torch
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from models.radiology import classification_metrics, num_classes, referral_from_grade
-from models.registry import build_model, model_hash
+from models.builders import build_model, model_hash
 
 
 @pytest.mark.parametrize("model", ["small-cnn", "densenet121"])

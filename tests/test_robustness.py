@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from client.data import demo
-from client.ledger import read_records
+from models.ledger import read_records
 from server import runner
 from server.audit import audit_app
 from tests.conftest import APP_DIR

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from client.data import demo
-from client.data.tabular import SiteDataError, load_cohort
+from client.data.tabular import load_cohort
+from models.errors import SiteDataError
 
 
 def _write(folder, frame):

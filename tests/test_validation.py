@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from server import checkpoint as ckpt
-from server.validation import ValidationSettings, validate_updates
+from server.update_checks import ValidationSettings, validate_updates
 
 REFERENCE = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 

@@ -60,8 +60,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
-from client.data.tabular import TEST_FRACTION, SiteDataError, age_band
-from client.site import fedhosp_home
+from client.data.tabular import TEST_FRACTION, age_band
+from models.errors import SiteDataError
+from models.home import fedhosp_home
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.errors import SiteDataError
+from models.wire import AGE_BANDS
+
 if TYPE_CHECKING:  # pandas is imported when a cohort is read, not by every ClientApp process
     import pandas as pd
 
@@ -24,7 +27,6 @@ log = logging.getLogger(__name__)
 COHORT_FILE = "cohort.csv"
 RESERVED = ("time", "event", "split", "patient_id", "label")
 TEST_FRACTION = 0.25
-AGE_BANDS = ((0, 50, "<50"), (50, 65, "50-64"), (65, 80, "65-79"), (80, 200, "80+"))
 
 
 # Column names that look like a patient identifier, matched case-insensitively as a word part ("patientID",
@@ -46,10 +48,6 @@ def age_band(age: float) -> str:
         if low <= age < high:
             return name
     return ""
-
-
-class SiteDataError(ValueError):
-    """A site's data breaks the contract. The message is safe to leave the node."""
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 ``mode = "validate"`` sends one model (``model-uri``: the registry, an MLflow
 run, or a file a vendor delivered) to every site; each site evaluates it on its
-own test split and returns aggregates only (client/qc.py). The coordinator
+own test split and returns aggregates only (client/validation.py). The coordinator
 judges them against the acceptance criteria written down in advance
 (server/criteria.py), compares with the previous validation of the same
 weights (drift), writes the HTML report, logs everything to MLflow and tags the
@@ -28,17 +28,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from client import qc
-from client.ledger import Ledger
-from client.site import fedhosp_home
-from models.registry import model_hash
+from models import metrics, wire
+from models.ledger import Ledger
+from models.home import fedhosp_home
+from models.builders import model_hash
 from server import criteria as acceptance
 from server import progress
 from server.report import write_report
 from server.settings import RunSettings
 from server.sites import FederationError, SiteInfo, discover_sites, exchange
 from server.tracking import ValidationTracker, download_model, tracking_uri
-from server.validation import structural_problem
+from server.update_checks import structural_problem
 
 VALIDATE = f"{MessageType.EVALUATE}.validate"
 
@@ -176,7 +176,7 @@ def _prepare(grid: Grid, context: Context, settings: RunSettings, ledger: Ledger
         raise FederationError(f"the model was trained on features {loaded.spec.get('features')}; "
                               f"the sites have {features}")
     outcome = settings.outcome
-    functions = tuple(qc.metric_functions(outcome, 0.5))
+    functions = tuple(metrics.metric_functions(outcome, 0.5))
     crit = acceptance.load_criteria(settings.criteria, outcome, functions)
     threshold = float(loaded.spec.get("threshold", 0.5)) if loaded else 0.5
     ledger.append("run-start", {
@@ -273,11 +273,11 @@ def _result(settings: RunSettings, loaded: LoadedModel | None, crit: acceptance.
         if name in replies:
             flat = dict(replies[name].content["metrics"])
             if "arrays" in records:
-                sites[name] = {"status": "ok", "error": None, **qc.unflatten(flat)}
+                sites[name] = {"status": "ok", "error": None, **wire.unflatten(flat)}
             seconds[name] = float(flat.get("validate_seconds", float("nan")))
             for label in labels:
                 if f"{label}::n" in flat:
-                    per_model[label][name] = qc.unflatten(flat, f"{label}::")
+                    per_model[label][name] = wire.unflatten(flat, f"{label}::")
         else:
             reason = failed.get(name) or next(r for s, r in refused.values() if s == name)
             sites[name] = {"status": "failed", "error": reason}
@@ -293,7 +293,7 @@ def _result(settings: RunSettings, loaded: LoadedModel | None, crit: acceptance.
         sites[name]["seconds"] = value  # the site's compute for all models and resamples
     cross = None
     if settings.mode == "cross-site":
-        primary = qc.PRIMARY[settings.outcome]
+        primary = metrics.PRIMARY[settings.outcome]
         cross = {"metric": primary, "models": labels, "sites": names,
                  "matrix": {label: {site: figures["metrics"].get(primary) for site, figures in row.items()}
                             for label, row in per_model.items()},
@@ -309,5 +309,5 @@ def _result(settings: RunSettings, loaded: LoadedModel | None, crit: acceptance.
                   "registered": loaded.registered if loaded else None,
                   "privacy": (loaded.spec.get("privacy") or {}) if loaded else {}},
         "criteria": crit.as_dict(), "min_cell": settings.min_cell, "bootstrap_samples": settings.bootstrap_samples,
-        "confidence": qc.CONFIDENCE, "metrics": list(functions), "sites": sites, "cross_site": cross,
+        "confidence": metrics.CONFIDENCE, "metrics": list(functions), "sites": sites, "cross_site": cross,
     }
