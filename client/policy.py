@@ -3,7 +3,8 @@
 Node config ``policy`` names a TOML file (example: ``configs/site-policy.example.toml``).
 Without one, the defaults apply: every task, any number of rounds, any app,
 and at least 20 patients or images (smaller cohorts leak). A refusal is raised
-as :class:`PolicyRefusal`; its text names the site and the rule, never data.
+as :class:`PolicyRefusal` with the rule's key; its text names the site and the rule, never data, and the
+node's error boundary sends it as a structured refusal (client/mods.py).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class SitePolicy:
         try:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise PolicyRefusal(f"site {site}: policy file cannot be read ({type(exc).__name__}); refusing all work") from None
+            raise PolicyRefusal(f"site {site}: policy file cannot be read ({type(exc).__name__}); refusing all work",
+                                rule="policy-file") from None
         unknown = set(raw) - {"tasks", "max-rounds", "min-examples", "allowed-app-hashes", "modes",
                               "max-analysis-iterations", "max-epsilon", "delta"}
         if unknown:
-            raise PolicyRefusal(f"site {site}: policy file has unknown keys {sorted(unknown)}; refusing all work")
+            raise PolicyRefusal(f"site {site}: policy file has unknown keys {sorted(unknown)}; refusing all work",
+                                rule="policy-file")
         return cls(tuple(raw.get("tasks", ())), int(raw.get("max-rounds", 0)),
                    int(raw.get("min-examples", DEFAULT_MIN_EXAMPLES)),
                    tuple(str(h).lower() for h in raw.get("allowed-app-hashes", ())),
@@ -52,23 +55,23 @@ class SitePolicy:
                   mode: str = "train") -> None:
         """Rules that need no data: mode, task, rounds, app."""
         if self.modes and mode not in self.modes:
-            raise PolicyRefusal(f"site {site}: policy refuses mode '{mode}' (accepts {', '.join(self.modes)})")
+            raise PolicyRefusal(f"site {site}: policy refuses mode '{mode}' (accepts {', '.join(self.modes)})", rule="modes")
         if self.tasks and task not in self.tasks:
-            raise PolicyRefusal(f"site {site}: policy refuses task '{task}' (accepts {', '.join(self.tasks)})")
+            raise PolicyRefusal(f"site {site}: policy refuses task '{task}' (accepts {', '.join(self.tasks)})", rule="tasks")
         if self.max_rounds and max(num_rounds, server_round or 0) > self.max_rounds:
             raise PolicyRefusal(f"site {site}: policy refuses runs of more than {self.max_rounds} rounds "
-                                f"(this run has {num_rounds})")
+                                f"(this run has {num_rounds})", rule="max-rounds")
         if self.app_hashes:
             # Flower installs an app under a folder named by the first 8 hex digits of its FAB hash;
             # that prefix is what a node can check (see README).
             if not app_hash or not any(h.startswith(app_hash.lower()) for h in self.app_hashes):
                 raise PolicyRefusal(f"site {site}: policy refuses app {app_hash or 'of unknown hash'} "
-                                    "(not in allowed-app-hashes)")
+                                    "(not in allowed-app-hashes)", rule="allowed-app-hashes")
 
     def check_analysis_iteration(self, site: str, iteration: int) -> None:
         if iteration > self.max_analysis_iterations:
             raise PolicyRefusal(f"site {site}: policy refuses more than {self.max_analysis_iterations} Newton "
-                                "iterations of one analysis (each is a query of its data)")
+                                "iterations of one analysis (each is a query of its data)", rule="max-analysis-iterations")
 
     def privacy_delta(self, run_delta: float) -> float:
         """The δ this site counts its ε at: its own when the policy sets one."""
@@ -83,16 +86,16 @@ class SitePolicy:
             return
         if not dp:
             raise PolicyRefusal(f"site {site}: policy refuses training without differential privacy (its budget is "
-                                f"max-epsilon = {self.max_epsilon:g}); run with dp = true")
+                                f"max-epsilon = {self.max_epsilon:g}); run with dp = true", rule="max-epsilon")
         if after > self.max_epsilon:
             raise PolicyRefusal(f"site {site}: policy refuses round {server_round}: the privacy budget would be "
                                 f"exceeded (ε spent {spent:.3f} of max-epsilon {self.max_epsilon:g}; this round "
-                                f"would bring it to {after:.3f})")
+                                f"would bring it to {after:.3f})", rule="max-epsilon")
 
     def check_examples(self, site: str, count: int, unit: str, work: str = "train on") -> None:
         if count < self.min_examples:
             raise PolicyRefusal(f"site {site}: policy refuses to {work} {count} {unit}; "
-                                f"the minimum is {self.min_examples}")
+                                f"the minimum is {self.min_examples}", rule="min-examples")
 
 
 def installed_app_hash(module_file: str) -> str | None:

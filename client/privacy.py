@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.errors import SiteDataError
+from models.errors import COX_REFUSAL, SiteDataError
 
 ACCOUNTANT = "rdp"  # Opacus' Rényi-DP accountant: its history composes across rounds and runs by concatenation
 BUDGET_FOLDER = "privacy"
@@ -197,3 +197,52 @@ def _quiet():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         yield
+
+
+@dataclass(frozen=True)
+class RoundBudget:
+    """One data set's privacy budget as a dp round or run sees it: the site's policy, the run's dp settings, the
+    budget file, the δ it is counted at, what was spent before, and this run's sampling plan."""
+
+    policy: object  # client.policy.SitePolicy
+    dp: DPSettings
+    store: PrivacyBudget
+    delta: float
+    history: list
+    sample_rate: float
+    steps: int  # per round
+
+    def after(self, rounds: int) -> float:
+        """The data set's ε after ``rounds`` more rounds of this run."""
+        return epsilon(self.history + [(self.dp.noise_multiplier, self.sample_rate, self.steps * rounds)], self.delta)
+
+
+def round_budget(policy, site: str, cfg, ledger_folder: Path, fingerprint: str, units: int, survival: bool,
+                 server_round: int | None) -> RoundBudget | None:
+    """The budget of this round's data set, or ``None`` without dp; refuses dp where no ε would hold, and training
+    without dp where the policy sets a budget."""
+
+    dp = DPSettings.from_config(cfg)
+    policy.check_privacy(site, dp is not None, server_round, 0.0, 0.0)
+    if dp is None:
+        return None
+    if survival:
+        raise SiteDataError(f"site {site}: {COX_REFUSAL}")
+    store = PrivacyBudget(ledger_folder, fingerprint)
+    rate, steps = sample_plan(units, int(cfg["batch-size"]), int(cfg["local-epochs"]), int(cfg["local-steps"]))
+    return RoundBudget(policy, dp, store, policy.privacy_delta(dp.delta), store.history(), rate, steps)
+
+
+def privacy_plan(budget: RoundBudget | None, site: str, rounds: int) -> dict[str, float]:
+    """What the planned run would spend of this data set's budget, as numbers (the coordinator warns when fewer
+    rounds fit than the run asks for); a refusal when not one round fits."""
+    if budget is None:
+        return {}
+    out = {"epsilon-spent": budget.after(0), "epsilon-planned": budget.after(rounds), "delta": budget.delta,
+           "dp-rounds-allowed": float(rounds)}
+    maximum = budget.policy.max_epsilon
+    if maximum:
+        allowed = next((r for r in range(rounds, 0, -1) if budget.after(r) <= maximum), 0)
+        budget.policy.check_privacy(site, True, 1, out["epsilon-spent"], budget.after(1))  # not one round fits
+        out.update({"dp-rounds-allowed": float(allowed), "max-epsilon": maximum})
+    return out

@@ -29,3 +29,6 @@ class PolicyRefusal(SiteDataError):
 COX_REFUSAL = ("dp is refused for the survival endpoint: the Cox partial likelihood couples every patient in a risk "
                "set, so per-sample clipping does not bound one patient's influence and no reported ε would hold; "
                "use endpoint = 'response', or train survival without dp")
+
+# The name of the ConfigRecord a refusing node replies with: {"site", "rule", "reason"} (client/mods.py).
+REFUSAL = "refusal"

@@ -42,7 +42,8 @@ from client.stats import ARMS, ledger_view
 from server import progress
 from server.newton import MAX_ITERATIONS, FitError, NewtonFit
 from server.settings import RunSettings
-from server.sites import REFUSAL, FederationError, exchange, wait_for_nodes
+from server.ledgers import failure_recorded
+from server.sites import FederationError, Refusal, exchange, wait_for_nodes
 
 ANALYSE = f"{MessageType.QUERY}.analyse"
 
@@ -68,12 +69,15 @@ class Request:
                              "min-cell": self.min_cell, **extra})
 
 
-def _ask(grid: Grid, nodes: list[int], config: ConfigRecord, timeout: float) -> tuple[dict[int, dict], dict[int, str]]:
-    """One analysis message per node: the replies' numbers (and site name) by node, and why the others gave none."""
-    replies, failed = exchange(grid, {node: RecordDict({"config": config}) for node in nodes}, ANALYSE, timeout)
+def _ask(grid: Grid, nodes: list[int], config: ConfigRecord, timeout: float
+         ) -> tuple[dict[int, dict], dict[int, str], dict[int, Refusal]]:
+    """One analysis message per node: the replies' numbers (and site name) by node, why the others gave none,
+    and the refusals."""
+    replies, failed, refused = exchange(grid, {node: RecordDict({"config": config}) for node in nodes}, ANALYSE,
+                                        timeout)
     ok = {node: {"site": str(reply.content["site"]["site-name"]), **dict(reply.content["metrics"])}
           for node, reply in replies.items()}
-    return ok, failed
+    return ok, failed, refused
 
 
 def _view(reply: dict) -> dict:
@@ -84,14 +88,12 @@ def _view(reply: dict) -> dict:
 def _describe(grid: Grid, settings: RunSettings, request: Request, ledger: Ledger):
     """Who takes part, and what each site has: refusals are the hospital's right; broken data stops the run."""
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.round_timeout)
-    ok, failed = _ask(grid, nodes, request.config("describe"), settings.round_timeout)
-    refused = {node: reason for node, reason in failed.items() if REFUSAL.match(reason)}
-    problems = [reason if reason.startswith("site ") else f"node {node}: {reason}"
-                for node, reason in failed.items() if node not in refused]
+    ok, failed, refused = _ask(grid, nodes, request.config("describe"), settings.round_timeout)
+    problems = [reason if reason.startswith("site ") else f"node {node}: {reason}" for node, reason in failed.items()]
     if problems:
         raise FederationError("analysis check failed:\n  - " + "\n  - ".join(problems))
     if not ok:
-        raise FederationError("every site's policy refuses this analysis:\n  - " + "\n  - ".join(refused.values()))
+        raise FederationError("every site's policy refuses this analysis:\n  - " + "\n  - ".join(r.reason for r in refused.values()))
     names = [d["site"] for d in ok.values()]
     if len(set(names)) != len(names):
         raise FederationError(f"two nodes claim the same site name: {sorted(names)}")
@@ -99,7 +101,7 @@ def _describe(grid: Grid, settings: RunSettings, request: Request, ledger: Ledge
         if not any(f"arm/{arm}/n" in d for d in ok.values()):
             raise FederationError(f"treatment arm {arm} of '{request.treatment}' has fewer than min-cell = "
                                   f"{request.min_cell} patients at every site (or is empty): no comparison possible")
-    return ok, {REFUSAL.match(r).group("site"): r for r in refused.values()}
+    return ok, {r.site: r.reason for r in refused.values()}
 
 
 def _levels(described: dict[int, dict], column: str) -> list[int]:
@@ -159,7 +161,8 @@ def newton_fits(grid: Grid, settings: RunSettings, request: Request, fits: dict[
         requests = {name: fit.request() for name, fit in active.items()}
         config = request.config("newton", iteration=iteration, fits=json.dumps(requests))
         progress.emit("analysis", iteration=iteration, models=len(active))
-        ok, failed = _ask(grid, list(nodes), config, settings.round_timeout)
+        ok, failed, refused = _ask(grid, list(nodes), config, settings.round_timeout)
+        failed.update({node: refusal.reason for node, refusal in refused.items()})  # a refusal mid-fit stops it too
         if failed:
             node, reason = next(iter(failed.items()))
             raise FederationError(f"site {nodes[node]} failed during the Cox fit (iteration {iteration}): {reason}; "
@@ -311,20 +314,17 @@ def run_analysis(grid: Grid, context: Context, settings: RunSettings, ledger: Le
 
     request = Request.from_settings(settings)
     started = time.perf_counter()
-    try:
+    with failure_recorded(ledger, context.run_id):
         described, refused = _describe(grid, settings, request, ledger)
         ledger.append("run-start", {
             "mode": "analyse", "run_config": settings.as_params(redact_paths=True), "app": {"fab_hash": grid.run.fab_hash},
             "sites": sorted(d["site"] for d in described.values()), "refused": refused})
         ledger.append("analysis-describe", {"sites": {d["site"]: _view(d) for d in described.values()}})
-    except Exception as exc:
-        ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
-        raise
     nodes = {node: d["site"] for node, d in described.items()}
     log(INFO, "fedhosp: analysis of '%s' at %d sites: %s", request.treatment, len(nodes), ", ".join(sorted(nodes.values())))
     progress.emit("sites", sites=len(nodes), task="oncology", mode="analyse")
     with AnalysisTracker(settings, context.run_id, ledger) as tracker:
-        try:
+        with failure_recorded(ledger, context.run_id, tracker):
             fits, levels = plan_fits(request, described)
             seconds = {d["site"]: float(d.get("compute-seconds", 0.0)) for d in described.values()}
             gaps, contributors = newton_fits(grid, settings, request, fits, nodes, ledger, seconds)
@@ -353,10 +353,6 @@ def run_analysis(grid: Grid, context: Context, settings: RunSettings, ledger: Le
                                               "subgroups": result["subgroups"], "sentence": result["sentence"],
                                               "report_sha256": hashlib.sha256(report.read_bytes()).hexdigest()})
             report_uri = tracker.log(result, report)
-        except Exception as exc:
-            ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
-            tracker.log_ledger()
-            raise
         summary = {"mode": "analyse", "flwr_run_id": context.run_id, "mlflow_run_id": tracker.run_id,
                    "tracking_uri": tracker.uri, "experiment": settings.mlflow_experiment, "task": "oncology",
                    "treatment": request.treatment, "sentence": result["sentence"], "cox": result["cox"],

@@ -16,23 +16,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from models.ledger import Ledger, load_or_create_key
-from models.home import fedhosp_home
 from models.builders import model_hash
+from models.home import fedhosp_home
 from models.metrics import PRIMARY
 from server import checkpoint as ckpt
 from server import progress
+from server.ledgers import failure_recorded, open_ledger
+from server.round_report import SiteRound
 from server.settings import RunSettings
 from server.sites import FederationError, discover_sites
-from server.strategy import ReportingStrategy, SiteRound, build_strategy
+from server.strategy import build_strategy, wrapped
 from server.tracking import Tracker, checkpoint_of_run
 
 app = ServerApp()
-
-
-def coordinator_key():
-    """``$FEDHOSP_HOME/keys/coordinator_ed25519.pem`` (0600, created on first use)."""
-    return load_or_create_key(fedhosp_home() / "keys" / "coordinator_ed25519.pem")
 
 
 def log_summary(summary: dict) -> None:
@@ -62,9 +58,7 @@ def validate(grid: Grid, context: Context, settings: RunSettings) -> None:
     """``mode = validate | cross-site`` (server/validate.py), recorded in the same kind of signed ledger."""
     from server.validate import run_validation  # the report's matplotlib and SciPy: a training run never pays for them
 
-    ledger = Ledger(fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl", coordinator_key(),
-                    {"role": "coordinator", "run_id": context.run_id})
-    summary = run_validation(grid, context, settings, ledger)
+    summary = run_validation(grid, context, settings, open_ledger(context.run_id))
     log(INFO, "fedhosp validation: %s", json.dumps({k: summary[k] for k in ("verdict", "report", "drift")}))
     log_summary(summary)
 
@@ -73,9 +67,7 @@ def analyse(grid: Grid, context: Context, settings: RunSettings) -> None:
     """``mode = analyse`` (server/analyse.py): the treatment's effect, overall and per subgroup."""
     from server.analyse import run_analysis  # SciPy, statsmodels, the report: a training run never pays for them
 
-    ledger = Ledger(fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl", coordinator_key(),
-                    {"role": "coordinator", "run_id": context.run_id})
-    summary = run_analysis(grid, context, settings, ledger)
+    summary = run_analysis(grid, context, settings, open_ledger(context.run_id))
     log(INFO, "fedhosp analysis: %s", summary["sentence"])
     log_summary(summary)
 
@@ -91,23 +83,15 @@ def main(grid: Grid, context: Context) -> None:
         return
     resume = find_checkpoint(settings)
     original_run = resume.flwr_run_id if resume else context.run_id
-    ledger_path = Path(resume.ledger_path) if resume else fedhosp_home() / "ledgers" / f"run-{context.run_id}.jsonl"
-    ledger = Ledger(ledger_path, coordinator_key(), {"role": "coordinator", "run_id": context.run_id})
-    try:
+    ledger = open_ledger(context.run_id, Path(resume.ledger_path) if resume else None)
+    with failure_recorded(ledger, context.run_id):
         sites, refused = discover_sites(grid, settings.min_nodes, settings.round_timeout, settings.site_check_config())
-    except FederationError as exc:
-        ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": str(exc)})
-        raise
+        inner = build_strategy(settings, len(sites), len(sites) + len(refused))
     for _, reason in refused.values():
         log(INFO, "fedhosp: %s", reason)
     budget_warnings = [w for s in sites.values() if (w := s.budget_warning(settings.num_server_rounds))]
     for warning in budget_warnings:
         log(WARNING, "fedhosp: %s", warning)
-    if settings.strategy == "bulyan" and len(sites) < 4 * settings.num_malicious_nodes + 3:
-        reason = (f"bulyan with num-malicious-nodes={settings.num_malicious_nodes} needs at least "
-                  f"{4 * settings.num_malicious_nodes + 3} sites; {len(sites)} take part")
-        ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": reason})
-        raise FederationError(reason)
     features = list(next(iter(sites.values())).features)
     log(INFO, "fedhosp: %d sites: %s", len(sites), ", ".join(sorted(s.name for s in sites.values())))
     progress.emit("sites", sites=len(sites), task=settings.task, rounds=settings.num_server_rounds,
@@ -117,6 +101,7 @@ def main(grid: Grid, context: Context) -> None:
     if resume:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in resume.arrays.items()})
         offset = resume.server_round
+        ckpt.restore_strategy(inner, resume.strategy_state)
         ledger.append("run-resumed", {"flwr_run_id": context.run_id, "after_round": offset,
                                       "global_model_hash": model_hash(model.state_dict())})
     else:
@@ -140,9 +125,6 @@ def main(grid: Grid, context: Context) -> None:
     })
     checkpoint_path = fedhosp_home() / "checkpoints" / f"run-{original_run}.npz"
     with Tracker(settings, context.run_id, sites, ledger, resume_run_id=resume.mlflow_run_id if resume else "") as tracker:
-        inner = build_strategy(settings, len(sites), len(sites) + len(refused))
-        if resume:
-            ckpt.restore_strategy(inner, resume.strategy_state)
 
         def on_round(r: SiteRound, arrays: ArrayRecord) -> None:
             # MLflow first, then the checkpoint: a coordinator killed between the two replays this round when
@@ -159,29 +141,25 @@ def main(grid: Grid, context: Context) -> None:
                           epsilon=r.epsilon_max)
 
         names = {**{n: site for n, (site, _) in refused.items()}, **{n: s.name for n, s in sites.items()}}
-        strategy = ReportingStrategy(inner, names, on_round, ledger, {s.name: s.num_train for s in sites.values()},
-                                     settings.validation(), settings.min_train_nodes, round_offset=offset)
-        try:
+        strategy = wrapped(inner, settings, names, {s.name: s.num_train for s in sites.values()}, ledger, on_round,
+                           round_offset=offset)
+        with failure_recorded(ledger, context.run_id, tracker):
             start = dict(timeout=settings.round_timeout, train_config=train_config, evaluate_config=ConfigRecord({}))
+            arrays = ArrayRecord(model.state_dict())
             if settings.strategy == "newton":  # a round at a time: the exact fit stops once it has converged
-                arrays = ArrayRecord(model.state_dict())
                 for done in range(settings.num_server_rounds - offset):
                     strategy.offset = offset + done
-                    strategy.start(grid, arrays, num_rounds=1, **start)
-                    arrays = strategy.global_arrays
+                    result = strategy.start(grid, arrays, num_rounds=1, **start)
+                    arrays = arrays if result.arrays is None else result.arrays  # None: the round was skipped
                     if inner.converged:
                         log(INFO, "fedhosp: the Newton fit converged after %d rounds", offset + done + 1)
                         break
             else:
-                strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=settings.num_server_rounds - offset,
-                               **start)
+                result = strategy.start(grid, arrays, num_rounds=settings.num_server_rounds - offset, **start)
+                arrays = arrays if result.arrays is None else result.arrays  # None: no round aggregated
             if not resume and all(r.skipped for r in tracker.rounds):
                 raise FederationError("no round produced an aggregated model (see failures/ and rejected/ in MLflow)")
-        except Exception as exc:
-            ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
-            tracker.log_ledger()
-            raise
-        model.load_state_dict(strategy.global_arrays.to_torch_state_dict())
+        model.load_state_dict(arrays.to_torch_state_dict())
         summary = tracker.finish(model, features, settings.input_example(len(features)))
         ledger.append("run-end", {"final_model_hash": summary["model_hash"], "mlflow_run_id": summary["mlflow_run_id"],
                                   "registered_model": summary["registered_model"], "rounds": summary["rounds"]})

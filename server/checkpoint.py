@@ -59,10 +59,31 @@ def load(path: Path) -> Checkpoint:
     return Checkpoint(arrays=arrays, strategy_state=state, **header)
 
 
+def _moments_kept(strategy) -> bool:
+    """FedAdam / FedYogi / FedAdagrad keep their moments in ``m_t`` / ``v_t``: a Flower version that keeps them
+    elsewhere must stop the checkpoint loudly, or a resumed run would silently restart them."""
+    from flwr.serverapp.strategy.fedopt import FedOpt
+
+    if not isinstance(strategy, FedOpt):
+        return False
+    missing = [name for name in STRATEGY_STATE if name not in vars(strategy)]
+    if missing:
+        raise RuntimeError(f"checkpoint: {type(strategy).__name__} has no attribute(s) {missing}; this Flower "
+                           "version keeps FedOpt's moments elsewhere, so a checkpoint could not resume them "
+                           "(server/checkpoint.py:STRATEGY_STATE)")
+    return True
+
+
 def strategy_state(strategy) -> dict[str, dict[str, np.ndarray]]:
-    return {name: dict(getattr(strategy, name)) for name in STRATEGY_STATE if getattr(strategy, name, None)}
+    """The strategy's own state after a round: FedOpt's moments (nothing for a strategy without state)."""
+    if not _moments_kept(strategy):
+        return {}
+    return {name: dict(getattr(strategy, name)) for name in STRATEGY_STATE if getattr(strategy, name) is not None}
 
 
 def restore_strategy(strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put a checkpoint's strategy state back (where :func:`strategy_state` found it)."""
+    if state and not _moments_kept(strategy):
+        raise RuntimeError(f"checkpoint: it holds {sorted(state)}, which {type(strategy).__name__} does not keep")
     for name, values in state.items():
         setattr(strategy, name, dict(values))

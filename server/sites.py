@@ -6,12 +6,13 @@ the run with a clear error and leaves no half-finished run behind.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+
+from models.errors import REFUSAL
 
 
 class FederationError(RuntimeError):
@@ -38,20 +39,21 @@ class SiteInfo:
                 f"it will refuse round {int(allowed) + 1} and later")
 
 
-def reason_text(reason: str) -> str:
-    """The ClientApp's own error text, without the runtime's wrapping.
+@dataclass(frozen=True)
+class Refusal:
+    """A site's policy refused the work (read from the reply's ``"refusal"`` record, never from text)."""
 
-    A SuperNode sends "<class 'X'>:<'text'>"; the simulation sends Ray's whole
-    traceback ending in "... Message: text". Keep just the text.
-    """
-    simulated = re.findall(r"Message: (.*)", reason)
-    if simulated:
-        return simulated[-1].strip().removesuffix("'>")
-    match = re.search(r":<'(.*)'>\s*$", reason, flags=re.S)
-    if match:
-        return match.group(1)
-    lines = [line for line in reason.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else reason
+    site: str
+    rule: str  # the policy key that refused
+    reason: str  # for display
+
+
+def refusal_of(msg: Message) -> Refusal | None:
+    """The refusal a reply carries, if it is one."""
+    if msg.has_error() or REFUSAL not in msg.content.config_records:
+        return None
+    record = msg.content[REFUSAL]
+    return Refusal(str(record["site"]), str(record["rule"]), str(record["reason"]))
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -66,24 +68,26 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, timeout: float
-             ) -> tuple[dict[int, Message], dict[int, str]]:
-    """One message per node; the good replies by node, and for every other node why it gave none."""
+             ) -> tuple[dict[int, Message], dict[int, str], dict[int, Refusal]]:
+    """One message per node: the good replies by node, for every other node why it gave none (its error's text,
+    which names the site, or "no reply within ..."), and the refusals."""
     messages = [Message(content, dst_node_id=node, message_type=message_type) for node, content in contents.items()]
     replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
-    ok, failed = {}, {}
+    ok, failed, refused = {}, {}, {}
     for node in contents:
         reply = replies.get(node)
         if reply is None:
             failed[node] = f"no reply within {timeout:.0f}s"
         elif reply.has_error():
-            failed[node] = reason_text(reply.error.reason)
+            failed[node] = reply.error.reason
+        elif (refusal := refusal_of(reply)) is not None:
+            refused[node] = refusal
         else:
             ok[node] = reply
-    return ok, failed
+    return ok, failed, refused
 
 
 PRIVACY_PLAN = ("epsilon-spent", "epsilon-planned", "delta", "dp-rounds-allowed", "max-epsilon")
-REFUSAL = re.compile(r"^site (?P<site>.+?): policy refuses")
 
 
 def discover_sites(grid: Grid, minimum: int, timeout: float, config: dict | None = None
@@ -94,29 +98,17 @@ def discover_sites(grid: Grid, minimum: int, timeout: float, config: dict | None
     ``config`` adds the task keys of a model under validation (names and numbers only).
     """
     nodes = wait_for_nodes(grid, minimum, timeout)
-    messages = [
-        Message(RecordDict({"config": ConfigRecord({"request": "describe", **(config or {})})}), dst_node_id=node,
-                message_type=MessageType.QUERY)
-        for node in nodes
-    ]
-    replies = {msg.metadata.src_node_id: msg for msg in grid.send_and_receive(messages, timeout=timeout)}
+    config = ConfigRecord({"request": "describe", **(config or {})})
+    replies, failed, refusals = exchange(grid, {node: RecordDict({"config": config}) for node in nodes},
+                                         MessageType.QUERY, timeout)
     sites: dict[int, SiteInfo] = {}
-    refused: dict[int, tuple[str, str]] = {}
-    problems: list[str] = []
-    for node in nodes:
-        msg = replies.get(node)
-        if msg is None:
-            problems.append(f"node {node} did not answer within {timeout:.0f}s")
-        elif msg.has_error() and REFUSAL.match(reason_text(msg.error.reason)):
-            reason = reason_text(msg.error.reason)
-            refused[node] = (REFUSAL.match(reason).group("site"), reason)
-        elif msg.has_error():
-            problems.append(reason_text(msg.error.reason))
-        else:
-            info, metrics = msg.content["site"], msg.content["metrics"]
-            privacy = {k: float(metrics[k]) for k in PRIVACY_PLAN if k in metrics}
-            sites[node] = SiteInfo(node, str(info["site-name"]), tuple(info["features"]), int(metrics["num-train"]),
-                                   int(metrics["num-test"]), int(metrics["skipped-rows"]), privacy)
+    refused = {node: (r.site, r.reason) for node, r in refusals.items()}
+    problems = [reason if reason.startswith("site ") else f"node {node}: {reason}" for node, reason in failed.items()]
+    for node, msg in replies.items():
+        info, metrics = msg.content["site"], msg.content["metrics"]
+        privacy = {k: float(metrics[k]) for k in PRIVACY_PLAN if k in metrics}
+        sites[node] = SiteInfo(node, str(info["site-name"]), tuple(info["features"]), int(metrics["num-train"]),
+                               int(metrics["num-test"]), int(metrics["skipped-rows"]), privacy)
     if problems:
         raise FederationError("site check failed:\n  - " + "\n  - ".join(problems))
     if not sites:

@@ -1,18 +1,20 @@
-"""Flower's own strategies, chosen by name, and a wrapper that reports each round.
+"""Flower's own strategies, chosen by name, and the wrappers composed around them.
 
-The wrapper delegates every decision to the wrapped strategy (as Flower's DP
-wrappers do) and only watches: which site answered, with what numbers, what
-failed, and how long the round took. It never changes an update.
+Each wrapper does one job and delegates every other decision to the strategy
+it wraps, as Flower's DP wrappers do; outermost first:
+
+- :class:`server.round_report.RoundReporter` records each round (ledger, tracking) and changes nothing;
+- :class:`server.update_checks.UpdateGuard` lets only valid updates through;
+- :class:`ModelDtypes` keeps the aggregated model in the model's own dtypes;
+- Flower's strategy (FedAvg, FedAdam, Krum, ..., or server/newton.py's NewtonCox).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -29,10 +31,10 @@ from flwr.serverapp.strategy import (
 )
 
 from models.ledger import Ledger
-from models.builders import model_hash
+from server.round_report import RoundReporter, SiteRound
 from server.settings import RunSettings
-from server.sites import reason_text
-from server.update_checks import ValidationSettings, validate_updates
+from server.sites import FederationError
+from server.update_checks import UpdateGuard
 
 
 def build_strategy(settings: RunSettings, num_sites: int, num_nodes: int | None = None) -> Strategy:
@@ -42,7 +44,11 @@ def build_strategy(settings: RunSettings, num_sites: int, num_nodes: int | None 
     policy refuses the run answers with its refusal, which is recorded. A round
     starts once ``min-train-nodes`` nodes are connected, so a node that has gone
     away does not stall the federation; it takes part again when it is back.
+    Bulyan needs ``4 f + 3`` sites for ``f`` malicious ones: fewer is refused here.
     """
+    if settings.strategy == "bulyan" and num_sites < 4 * settings.num_malicious_nodes + 3:
+        raise FederationError(f"bulyan with num-malicious-nodes={settings.num_malicious_nodes} needs at least "
+                              f"{4 * settings.num_malicious_nodes + 3} sites; {num_sites} take part")
     minimum = max(1, min(settings.min_train_nodes, num_sites))
     common = dict(min_train_nodes=minimum, min_evaluate_nodes=minimum, min_available_nodes=minimum)
     name = settings.strategy
@@ -70,150 +76,27 @@ def build_strategy(settings: RunSettings, num_sites: int, num_nodes: int | None 
     return optimisers[name](eta=settings.server_lr, eta_l=settings.lr, **common)
 
 
-@dataclass
-class SiteRound:
-    """What one round produced, per site and aggregated, for tracking and the summary."""
+class ModelDtypes(Strategy):
+    """Keeps the global model in the model's own dtypes: FedAvg and FedOpt compute in float64 (and turn integer
+    buffers into floats), which would double what is sent and make every update's dtype 'wrong'."""
 
-    server_round: int
-    started: float
-    duration_s: float = 0.0
-    train: dict[str, dict[str, float]] = field(default_factory=dict)
-    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    skipped: str = ""  # why the round produced no new global model, if it did not
-    validation_ms: float = 0.0
-    train_aggregate: dict[str, float] = field(default_factory=dict)
-    evaluate_aggregate: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def epsilon_max(self) -> float | None:
-        """Under dp, the largest ε a site reported this round (an average of ε would mean nothing)."""
-        return max((m["epsilon"] for m in self.train.values() if "epsilon" in m), default=None)
-
-
-def arrays_hash(arrays: ArrayRecord) -> str:
-    return model_hash({k: a.numpy() for k, a in arrays.items()})
-
-
-class ReportingStrategy(Strategy):
-    """Wraps a Flower strategy: validates updates, records every round in the ledger, reports each round.
-
-    Ledger events per round: ``round-start`` (sampled sites, config, hash of the
-    global model sent), ``update`` / ``update-failed`` per site,
-    ``update-rejected`` (validation), ``aggregation`` or ``round-skipped``,
-    ``evaluation`` / ``evaluation-failed`` per site and ``round-end``.
-    ``round_offset`` makes a resumed run continue its round numbers.
-    """
-
-    def __init__(self, inner: Strategy, site_names: dict[int, str], on_round: Callable[[SiteRound, ArrayRecord], None],
-                 ledger: Ledger, declared: dict[str, int] | None = None,
-                 validation: ValidationSettings | None = None, min_valid: int = 1, round_offset: int = 0):
+    def __init__(self, inner: Strategy):
         self.inner = inner
-        self.site_names = site_names
-        self.on_round = on_round
-        self.ledger = ledger
-        self.declared = declared or {}
-        self.validation = validation or ValidationSettings()
-        self.min_valid = min_valid
-        self.offset = round_offset
-        self.current: SiteRound | None = None
-        self.global_arrays: ArrayRecord | None = None
-        self.dtypes: dict[str, np.dtype] | None = None  # the model's own dtypes, from the initial weights
-        self.sampled: dict[str, int] = {}
+        self.dtypes: dict[str, np.dtype] | None = None  # from the first global model the strategy is given
 
     def summary(self) -> None:
         self.inner.summary()
 
-    def _name(self, node: int) -> str:
-        return self.site_names.get(node, f"node-{node}")
-
-    def _site(self, msg: Message) -> str:
-        return self._name(msg.metadata.src_node_id or msg.metadata.dst_node_id)
-
-    def _collect(self, replies: Iterable[Message], into: dict[str, dict[str, float]], kind: str) -> list[Message]:
-        replies = list(replies)
-        known = {msg.metadata.src_node_id for msg in replies} & set(self.sampled.values())
-        silent = [site for site, node in self.sampled.items() if node not in known]
-        answered = set()
-        for msg in replies:
-            site = self._site(msg)
-            if msg.metadata.src_node_id not in self.site_names and len(silent) == 1:
-                site = silent[0]  # the SuperLink answers for a node that vanished ("Node Unavailable")
-            answered.add(site)
-            if msg.has_error():
-                reason = reason_text(msg.error.reason)
-                self.current.failures[site] = reason
-                self.ledger.append(f"{kind}-failed", {"round": self.current.server_round, "site": site,
-                                                      "reason": reason})
-            elif "metrics" in msg.content.metric_records:
-                numbers = {k: float(v) for k, v in msg.content["metrics"].items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                entry = {"round": self.current.server_round, "site": site,
-                         "num_examples": numbers.get("num-examples"),
-                         "metrics": {k: v for k, v in numbers.items() if k != "num-examples"}}
-                if "arrays" in msg.content.array_records:  # what actually left the site
-                    numbers["update_bytes"] = float(sum(len(a.data) for a in msg.content["arrays"].values()))
-                    entry["update_hash"] = arrays_hash(msg.content["arrays"])
-                    entry["update_bytes"] = numbers["update_bytes"]
-                into[site] = numbers
-                self.ledger.append(kind, entry)
-        for site in sorted(set(self.sampled) - answered):  # died, or slower than round-timeout
-            reason = f"site {site}: no reply within the round timeout"
-            self.current.failures.setdefault(site, reason)
-            self.ledger.append(f"{kind}-failed", {"round": self.current.server_round, "site": site, "reason": reason})
-        return replies
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        server_round += self.offset
-        self.current = SiteRound(server_round, time.perf_counter())
         if self.dtypes is None:
             self.dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
-        self.global_arrays = arrays
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.sampled = {self._name(m.metadata.dst_node_id): m.metadata.dst_node_id for m in messages}
-        sent = dict(messages[0].content["config"]) if messages else dict(config)
-        self.ledger.append("round-start", {"round": server_round, "sites": sorted(self.sampled), "config": sent,
-                                           "global_model_hash": arrays_hash(arrays)})
-        return messages
+        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        server_round += self.offset
-        replies = [m for m in self._collect(replies, self.current.train, "update") if not m.has_error()]
-        if self.validation.enabled:
-            started = time.perf_counter()
-            reference = {k: a.numpy() for k, a in self.global_arrays.items()}
-            replies, rejected, _ = validate_updates([(self._site(m), m) for m in replies], reference,
-                                                    self.declared, self.validation)
-            self.current.validation_ms = (time.perf_counter() - started) * 1000
-            for site, reason in sorted(rejected.items()):
-                self.current.rejected[site] = reason
-                self.ledger.append("update-rejected", {"round": server_round, "site": site, "reason": reason})
-        if len(replies) < self.min_valid:
-            self.current.skipped = (f"{len(replies)} valid update(s), fewer than min-train-nodes = {self.min_valid}; "
-                                    "the global model is unchanged")
-            self.ledger.append("round-skipped", {"round": server_round, "reason": self.current.skipped,
-                                                 "global_model_hash": arrays_hash(self.global_arrays)})
-            return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None:  # the wrapped strategy declined (e.g. too few updates for Bulyan)
-            self.current.skipped = f"{type(self.inner).__name__} did not aggregate {len(replies)} update(s)"
-            self.ledger.append("round-skipped", {"round": server_round, "reason": self.current.skipped,
-                                                 "global_model_hash": arrays_hash(self.global_arrays)})
-            return None, metrics
-        arrays = self._model_dtypes(arrays)
-        if metrics is not None:
-            self.current.train_aggregate = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.global_arrays = arrays
-        self.ledger.append("aggregation", {
-            "round": server_round, "sites": sorted(self._site(m) for m in replies),
-            "global_model_hash": arrays_hash(arrays),
-            "metrics": self.current.train_aggregate})
-        return arrays, metrics
+        return (None if arrays is None else self._cast(arrays)), metrics
 
-    def _model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
-        """Keep the global model in the model's dtypes: FedAvg and FedOpt compute in float64 (and turn
-        integer buffers into floats), which would double what is sent and make every update 'wrong'."""
+    def _cast(self, arrays: ArrayRecord) -> ArrayRecord:
         values = {k: a.numpy() for k, a in arrays.items()}
         if all(values[k].dtype == self.dtypes.get(k, values[k].dtype) for k in values):
             return arrays
@@ -222,19 +105,17 @@ class ReportingStrategy(Strategy):
             for k, v in values.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        messages = list(self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid))
-        self.sampled = {self._name(m.metadata.dst_node_id): m.metadata.dst_node_id for m in messages}
-        return messages
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        server_round += self.offset
-        replies = self._collect(replies, self.current.evaluate, "evaluation")
-        metrics = self.inner.aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
-        if metrics is not None:
-            self.current.evaluate_aggregate = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.current.duration_s = time.perf_counter() - self.current.started
-        self.ledger.append("round-end", {"round": server_round, "metrics": self.current.evaluate_aggregate,
-                                         "failures": self.current.failures, "rejected": self.current.rejected,
-                                         "duration_s": self.current.duration_s})
-        self.on_round(self.current, self.global_arrays)
-        return metrics
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def wrapped(inner: Strategy, settings: RunSettings, site_names: dict[int, str], declared: dict[str, int],
+            ledger: Ledger, on_round: Callable[[SiteRound, ArrayRecord], None], round_offset: int = 0
+            ) -> RoundReporter:
+    """``inner`` with the update guard, the dtype keeper and the round reporter around it (see the module doc)."""
+    reporter = RoundReporter(site_names, on_round, ledger, round_offset)
+    guard = UpdateGuard(ModelDtypes(inner), site_names, declared, settings.validation(), settings.min_train_nodes,
+                        events=reporter)
+    return reporter.wrapping(guard)

@@ -1,4 +1,4 @@
-"""Update validation on the coordinator, before any aggregation.
+"""Update checks on the coordinator, before any aggregation, and the wrapper that applies them (UpdateGuard).
 
 An update must have the global model's tensor names, shapes and dtypes, only
 finite values, a distance from the global model under the configured bound
@@ -10,10 +10,14 @@ buggy or compromised hospital must not be able to steer or break the model.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 
 @dataclass(frozen=True)
@@ -83,3 +87,49 @@ def _examples_problem(msg: Message, declared: int | None, cap: int) -> str | Non
     if limit and n > limit:
         return f"num-examples {int(n)} exceeds the {'cap' if cap else 'declared training cohort'} of {limit}"
     return None
+
+
+class UpdateGuard(Strategy):
+    """Wraps a strategy: only updates that pass :func:`validate_updates` reach it (as Flower's DP wrappers wrap).
+
+    A rejected update is left out and reported to ``events`` (the round
+    reporter: ``rejected(site, reason)``, ``checked(ms)``); with fewer than
+    ``min_valid`` valid updates the round is not aggregated (the wrapped
+    strategy is not asked, ``events.skipped(reason)``) and the global model
+    stays. Every other decision is the wrapped strategy's.
+    """
+
+    def __init__(self, inner: Strategy, site_names: dict[int, str], declared: dict[str, int],
+                 settings: ValidationSettings, min_valid: int, events):
+        self.inner, self.site_names, self.declared = inner, site_names, declared
+        self.settings, self.min_valid, self.events = settings, min_valid, events
+        self.reference: dict[str, np.ndarray] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.reference = {k: a.numpy() for k, a in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        if self.settings.enabled:
+            started = time.perf_counter()
+            labelled = [(self.site_names.get(m.metadata.src_node_id, f"node-{m.metadata.src_node_id}"), m)
+                        for m in replies]
+            replies, rejected, _ = validate_updates(labelled, self.reference, self.declared, self.settings)
+            self.events.checked((time.perf_counter() - started) * 1000)
+            for site, reason in sorted(rejected.items()):
+                self.events.rejected(site, reason)
+        if len(replies) < self.min_valid:
+            self.events.skipped(f"{len(replies)} valid update(s), fewer than min-train-nodes = {self.min_valid}; "
+                                "the global model is unchanged")
+            return None, None
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return self.inner.aggregate_evaluate(server_round, replies)

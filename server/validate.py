@@ -36,6 +36,7 @@ from server import criteria as acceptance
 from server import progress
 from server.report import write_report
 from server.settings import RunSettings
+from server.ledgers import failure_recorded
 from server.sites import FederationError, SiteInfo, discover_sites, exchange
 from server.tracking import ValidationTracker, download_model, tracking_uri
 from server.update_checks import structural_problem
@@ -121,10 +122,11 @@ def node_config(settings: RunSettings) -> dict:
 def _send(grid: Grid, sites: dict[int, SiteInfo], content: dict[int, RecordDict], message_type: str,
           timeout: float) -> tuple[dict[str, Message], dict[str, str]]:
     """One message per site; replies by site name, and the reason for each site that gave none."""
-    replies, reasons = exchange(grid, content, message_type, timeout)
+    replies, reasons, refused = exchange(grid, content, message_type, timeout)
     ok = {sites[node].name: reply for node, reply in replies.items()}
-    failed = {sites[node].name: f"site {sites[node].name}: {reason}" if node not in replies and
-              reason.startswith("no reply") else reason for node, reason in reasons.items()}
+    failed = {sites[node].name: reason if reason.startswith("site ") else f"site {sites[node].name}: {reason}"
+              for node, reason in reasons.items()}
+    failed.update({sites[node].name: refusal.reason for node, refusal in refused.items()})
     return ok, failed
 
 
@@ -156,11 +158,8 @@ def run_validation(grid: Grid, context: Context, settings: RunSettings, ledger: 
     Any failure is recorded in the ledger as ``run-failed`` with its reason: before
     the MLflow run is opened here, after it inside the tracker (which then logs the ledger).
     """
-    try:
+    with failure_recorded(ledger, context.run_id):
         prepared = _prepare(grid, context, settings, ledger)
-    except Exception as exc:
-        ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
-        raise
     return _evaluate(grid, context, ledger, *prepared)
 
 
@@ -200,7 +199,7 @@ def _evaluate(grid: Grid, context: Context, ledger: Ledger, settings: RunSetting
     outcome = settings.outcome
     with ValidationTracker(settings, context.run_id, loaded.hash if loaded else "", settings.model_uri,
                            ledger) as tracker:
-        try:
+        with failure_recorded(ledger, context.run_id, tracker):
             records: dict[str, ArrayRecord] = {}
             failed_training: dict[str, str] = {}
             if loaded:
@@ -232,10 +231,6 @@ def _evaluate(grid: Grid, context: Context, ledger: Ledger, settings: RunSetting
             report_uri = tracker.log(result, report)
             if loaded and loaded.registry and settings.mode == "validate":
                 tracker.tag_version(loaded.registry, result, report_uri, report)
-        except Exception as exc:  # MLflow gets the ledger with the failure in it
-            ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
-            tracker.log_ledger()
-            raise
         summary = {
             "mode": settings.mode, "flwr_run_id": context.run_id, "mlflow_run_id": tracker.run_id,
             "tracking_uri": tracker.uri, "experiment": settings.mlflow_experiment, "task": settings.task,

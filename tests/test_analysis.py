@@ -17,11 +17,11 @@ from lifelines import CoxPHFitter, KaplanMeierFitter
 from client.data import demo
 from models.errors import SiteDataError
 from models.ledger import read_records
-from models.errors import PolicyRefusal
 from client.stats import describe, load_analysis_data, time_bins
 from server.analyse import Request, kaplan_meier, logrank, plan_fits
 from server.newton import FitError, NewtonFit
 from tests.test_client_app import _context, _message
+from tests.node_replies import refusal
 
 COVARIATES = ["age", "stage", "ecog"]
 SUBGROUPS = ["mutation", "sex"]
@@ -217,14 +217,14 @@ def test_a_node_answers_with_sums_records_only_digests_and_sums_and_enforces_its
                                             fits=json.dumps({"overall": fit.request()}))), ctx)
         assert not reply.has_error()
         assert len(reply.content["metrics"]["cox/overall/hessian"]) == 16
-    with pytest.raises(PolicyRefusal, match=r"^site Sjælland: policy refuses more than 2 Newton iterations"):
-        app(_message(kind, _analyse("newton", iteration=3, fits=json.dumps({"overall": fit.request()}))), ctx)
+    refusal(app(_message(kind, _analyse("newton", iteration=3, fits=json.dumps({"overall": fit.request()}))), ctx),
+            r"^site Sjælland: policy refuses more than 2 Newton iterations", rule="max-analysis-iterations")
     records = read_records(next((tmp_path / "ledger").glob("run-*.jsonl")))
     sent = [r["data"]["sent"] for r in records if r["event"] == "query-analyse"]
     assert len(sent) == 3 and all(set(s) == {"digest", "sums"} for s in sent)  # no per-bin count in the ledger
     assert records[-1]["event"] == "query-analyse-failed"
 
     policy.write_text('modes = ["train", "validate"]\n')
-    with pytest.raises(PolicyRefusal, match=r"^site Sjælland: policy refuses mode 'analyse'"):
-        app(_message(kind, _analyse("describe")), ctx)
+    refusal(app(_message(kind, _analyse("describe")), ctx), r"^site Sjælland: policy refuses mode 'analyse'",
+            rule="modes")
 

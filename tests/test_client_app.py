@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from client.app import app
 from client.data import demo
 from models.builders import build_model, model_hash
+from tests.node_replies import error_text
 
 RUN_CONFIG = {"task": "oncology", "endpoint": "survival", "model": "linear", "seed": 42, "data-root": ""}
 
@@ -103,9 +104,8 @@ def test_an_unexpected_error_leaves_the_node_without_its_details(site_dir):
     # a state dict for a different model: torch's error would quote tensor shapes and names
     wrong = build_model("oncology", "mlp", num_features=len(demo.FEATURES))
     content = RecordDict({"arrays": ArrayRecord(wrong.state_dict()), "config": _train_content()["config"]})
-    with pytest.raises(RuntimeError) as err:
-        app(_message(MessageType.TRAIN, content), _context(site_dir))
-    assert str(err.value) == "site Sjælland: train failed (RuntimeError); details are in the node's log"
+    reply = app(_message(MessageType.TRAIN, content), _context(site_dir))
+    assert reply.error.reason == "site Sjælland: train failed (RuntimeError); details are in the node's log"
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,6 @@ def test_densenet121_trains_a_step_and_returns_every_tensor_it_received(knee_dir
 def test_the_node_config_chooses_device_and_threads_and_a_missing_gpu_is_named(knee_dir):
     import torch
 
-    from models.errors import SiteDataError
 
     threads = torch.get_num_threads()
     ctx, content = _radiology(knee_dir, **{"local-steps": 1})
@@ -165,8 +164,8 @@ def test_the_node_config_chooses_device_and_threads_and_a_missing_gpu_is_named(k
         assert not reply.has_error() and torch.get_num_threads() == 1
         if not torch.cuda.is_available():
             ctx.node_config["device"] = "cuda"
-            with pytest.raises(SiteDataError, match="site Syddanmark: node config device='cuda', but torch sees no"):
-                app(_message(MessageType.TRAIN, content), ctx)
+            error_text(app(_message(MessageType.TRAIN, content), ctx),
+                       "^site Syddanmark: node config device='cuda', but torch sees no")
     finally:
         torch.set_num_threads(threads)
 
@@ -195,8 +194,8 @@ def test_a_validation_only_cohort_is_tested_and_only_aggregates_leave(tmp_path):
     text = repr(dict(metrics))
     assert not any(pid in text for pid in frame["patient_id"])
     # training on the same folder is refused: it has no training split
-    with pytest.raises(ValueError, match=r"site Sjælland: too few usable patients \(0 train, 400 test\)"):
-        app(_message(MessageType.TRAIN, _train_content()), _context(folder))
+    error_text(app(_message(MessageType.TRAIN, _train_content()), _context(folder)),
+               r"^site Sjælland: too few usable patients \(0 train, 400 test\)")
 
 
 def test_a_data_root_that_does_not_match_the_federation_is_named_with_the_fix(tmp_path):
@@ -206,6 +205,18 @@ def test_a_data_root_that_does_not_match_the_federation_is_named_with_the_fix(tm
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                       run_config={**RUN_CONFIG, "data-root": str(tmp_path / "sites")})
     query = _message(MessageType.QUERY, RecordDict({"config": ConfigRecord({"request": "describe"})}))
-    with pytest.raises(ValueError, match="data-root holds 4 site folders but the federation has 3 nodes; "
-                                         'run with --federation-config "num-supernodes=4"'):
-        app(query, context)
+    error_text(app(query, context), "^data-root holds 4 site folders but the federation has 3 nodes; "
+                                    'run with --federation-config "num-supernodes=4"')
+
+
+def test_an_error_in_a_mod_leaves_the_node_as_generic_text_without_its_path(site_dir, tmp_path):
+    """The error boundary is the outermost mod: a ledger key that cannot be written (an OSError quoting its path)
+    reaches the coordinator as the site, the handler and the error's type only."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    context = _context(site_dir)
+    context.node_config["ledger-dir"] = str(blocker / "ledger")
+    reply = app(_message(MessageType.TRAIN, _train_content()), context)
+    text = error_text(reply, r"^site Sjælland: train failed \((FileExists|NotADirectory)Error\); "
+                             r"details are in the node's log$")
+    assert str(tmp_path) not in text

@@ -7,6 +7,7 @@ from models.ledger import read_records
 from client.policy import SitePolicy, installed_app_hash
 from models.errors import PolicyRefusal
 from tests.test_client_app import _context, _message, _train_content
+from tests.node_replies import refusal
 
 
 def _policy(tmp_path, text):
@@ -37,8 +38,8 @@ def test_a_task_the_policy_does_not_accept_is_refused_and_recorded_without_readi
     ctx.run_config["num-server-rounds"] = 3
     from client.app import app
 
-    with pytest.raises(PolicyRefusal, match=r"^site Sjælland: policy refuses task 'oncology' \(accepts radiology\)$"):
-        app(_message(MessageType.TRAIN, _train_content()), ctx)
+    refusal(app(_message(MessageType.TRAIN, _train_content()), ctx),
+            r"^site Sjælland: policy refuses task 'oncology' \(accepts radiology\)$", rule="tasks")
     records = read_records(next((tmp_path / "ledger").glob("run-*.jsonl")))
     assert records[-1]["event"] == "train-failed" and "policy refuses task" in records[-1]["data"]["reason"]
     assert "data_fingerprint" not in records[-1]["data"]  # no data was read
@@ -49,11 +50,10 @@ def test_too_many_rounds_and_too_few_patients_are_refused(tmp_path, site_dir):
 
     ctx = _node(tmp_path, site_dir, _policy(tmp_path, "max-rounds = 5\nmin-examples = 10000\n"))
     ctx.run_config["num-server-rounds"] = 10
-    with pytest.raises(PolicyRefusal, match="more than 5 rounds"):
-        app(_message(MessageType.TRAIN, _train_content()), ctx)
+    refusal(app(_message(MessageType.TRAIN, _train_content()), ctx), "more than 5 rounds", rule="max-rounds")
     ctx.run_config["num-server-rounds"] = 3
-    with pytest.raises(PolicyRefusal, match=r"refuses to train on \d+ patients; the minimum is 10000"):
-        app(_message(MessageType.TRAIN, _train_content()), ctx)
+    refusal(app(_message(MessageType.TRAIN, _train_content()), ctx),
+            r"refuses to train on \d+ patients; the minimum is 10000", rule="min-examples")
 
 
 def test_default_policy_refuses_cohorts_under_twenty(tmp_path):

@@ -13,13 +13,13 @@ from flwr.app import MessageType
 
 from client.data import demo
 from client.data.tabular import load_cohort
-from models.errors import SiteDataError
 from models.ledger import read_records
 from models.errors import PolicyRefusal
 from client.privacy import PrivacyBudget, sample_plan
 from models.builders import build_model, model_hash
 from tests.conftest import APP_DIR
 from tests.test_client_app import _context, _message, _train_content
+from tests.node_replies import refusal, error_text
 
 DP = {"dp": True, "dp-noise-multiplier": 1.1, "dp-max-grad-norm": 1.0, "dp-delta": 1e-5}
 BATCH = 64
@@ -118,31 +118,27 @@ def test_the_budget_refuses_the_round_that_would_overspend_and_a_restarted_node_
     assert plan["dp-rounds-allowed"] == 1 and plan["epsilon-spent"] == 0
     assert plan["epsilon-planned"] == pytest.approx(_opacus_epsilon(units, 3), rel=1e-9)
     app(_dp_train(1), ctx)
-    with pytest.raises(PolicyRefusal, match=r"^site Sjælland: policy refuses round 2: the privacy budget would be "
-                                            r"exceeded \(ε spent [\d.]+ of max-epsilon [\d.]+; this round would "
-                                            r"bring it to [\d.]+\)$"):
-        app(_dp_train(2), ctx)
+    refusal(app(_dp_train(2), ctx), r"^site Sjælland: policy refuses round 2: the privacy budget would be "
+                                    r"exceeded \(ε spent [\d.]+ of max-epsilon [\d.]+; this round would "
+                                    r"bring it to [\d.]+\)$", rule="max-epsilon")
     records = read_records(next((tmp_path / "ledger").glob("run-*.jsonl")))
     assert records[-1]["event"] == "train-failed" and "privacy budget would be exceeded" in records[-1]["data"]["reason"]
     # a fresh process (a restarted node) reads the same budget from disk and refuses a new run's first round
     policy = f"max-epsilon = {(one + two) / 2}\n"
     script = f"""
 import sys; sys.path.insert(0, {str(APP_DIR)!r})
-from models.errors import PolicyRefusal
 from tests.test_privacy import _dp_train, _node
 from pathlib import Path
 from client.app import app
-try:
-    app(_dp_train(1, **{{"run-key": "8"}}), _node(Path({str(tmp_path)!r}), Path({str(site_dir)!r}), {policy!r}))
-except PolicyRefusal as exc:
-    print("REFUSED", exc)
+reply = app(_dp_train(1, **{{"run-key": "8"}}), _node(Path({str(tmp_path)!r}), Path({str(site_dir)!r}), {policy!r}))
+if "refusal" in reply.content.config_records:
+    print("REFUSED", reply.content["refusal"]["reason"])
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=APP_DIR, timeout=300)
     assert "REFUSED site Sjælland: policy refuses round 1: the privacy budget would be exceeded" in out.stdout, out.stderr
     [budget] = (tmp_path / "ledger" / "privacy").glob("*.json")
     assert len(json.loads(budget.read_text())["entries"]) == 1  # the refused rounds spent nothing
-    with pytest.raises(PolicyRefusal, match="policy refuses round 1: the privacy budget"):
-        app(check, ctx)  # the site check now says so before a run starts
+    refusal(app(check, ctx), "policy refuses round 1: the privacy budget")  # the site check says so before a run
 
 
 def test_a_site_with_a_budget_refuses_training_without_dp_and_dp_is_refused_for_cox(tmp_path, site_dir):
@@ -150,13 +146,13 @@ def test_a_site_with_a_budget_refuses_training_without_dp_and_dp_is_refused_for_
     from server.settings import RunSettings
 
     ctx = _node(tmp_path, site_dir, "max-epsilon = 8\n")
-    with pytest.raises(PolicyRefusal, match=r"policy refuses training without differential privacy \(its budget is "
-                                            r"max-epsilon = 8\); run with dp = true"):
-        app(_message(MessageType.TRAIN, _train_content("response", **{"batch-size": BATCH})), ctx)
+    refusal(app(_message(MessageType.TRAIN, _train_content("response", **{"batch-size": BATCH})), ctx),
+            r"policy refuses training without differential privacy \(its budget is max-epsilon = 8\); "
+            r"run with dp = true", rule="max-epsilon")
     survival = _context(site_dir, dp=True)
     survival.node_config["ledger-dir"] = str(tmp_path / "cox")
-    with pytest.raises(SiteDataError, match="dp is refused for the survival endpoint: the Cox partial likelihood"):
-        app(_message(MessageType.TRAIN, _train_content("survival", **{"batch-size": BATCH, **DP})), survival)
+    error_text(app(_message(MessageType.TRAIN, _train_content("survival", **{"batch-size": BATCH, **DP})), survival),
+               "dp is refused for the survival endpoint: the Cox partial likelihood")
     assert not (tmp_path / "cox" / "privacy").exists()
     with pytest.raises(ValueError, match="dp is refused for the survival endpoint"):
         RunSettings.from_run_config({"dp": True})
@@ -173,8 +169,7 @@ def test_a_corrupt_budget_file_refuses_dp_rather_than_reading_as_nothing_spent(t
     app(_dp_train(1), ctx)
     [budget] = (tmp_path / "ledger" / "privacy").glob("*.json")
     budget.write_text("{not json")
-    with pytest.raises(SiteDataError, match=rf"the privacy budget file {budget.name} cannot be read"):
-        app(_dp_train(2), ctx)
+    error_text(app(_dp_train(2), ctx), rf"the privacy budget file {budget.name} cannot be read")
 
 
 def test_poisson_batches_follow_the_plan_even_when_some_are_empty():

@@ -1,5 +1,6 @@
 """Coordinator pieces that need no federation: run-config reading, strategy choice, error text."""
 
+import numpy as np
 import pytest
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -16,7 +17,6 @@ from flwr.serverapp.strategy import (
 
 from server.runner import config_arg
 from server.settings import RunSettings
-from server.sites import reason_text
 from server.strategy import build_strategy
 
 
@@ -46,7 +46,7 @@ def test_invalid_run_config_is_refused_with_the_key_named(bad, message):
 def test_strategies_are_flowers_own_and_start_a_round_with_min_train_nodes(name, cls):
     settings = RunSettings(strategy=name, server_lr=0.3, lr=0.02, proximal_mu=0.5, min_train_nodes=3, trim_beta=0.1,
                            num_malicious_nodes=1, num_nodes_to_select=2)
-    strategy = build_strategy(settings, num_sites=5)
+    strategy = build_strategy(settings, num_sites=7)  # Bulyan needs 4 f + 3
     assert type(strategy) is cls
     assert strategy.min_train_nodes == strategy.min_available_nodes == 3  # a vanished node does not stall rounds
     if name == "fedtrimmedavg":
@@ -61,10 +61,29 @@ def test_strategies_are_flowers_own_and_start_a_round_with_min_train_nodes(name,
         assert strategy.eta == 0.3 and strategy.eta_l == 0.02
 
 
-def test_reason_text_unwraps_supernode_and_simulation_errors():
-    assert reason_text("<class 'client.data.tabular.SiteDataError'>:<'site A: bad'>") == "site A: bad"
-    ray = "ray::ClientAppActor.run() ...\n  File x\nException ClientAppException occurred. Message: site B: worse'>"
-    assert reason_text(ray) == "site B: worse"
+def test_bulyan_with_too_few_sites_is_refused_before_any_round():
+    from server.sites import FederationError
+
+    settings = RunSettings(strategy="bulyan", num_malicious_nodes=1)
+    with pytest.raises(FederationError, match="bulyan with num-malicious-nodes=1 needs at least 7 sites; 5 take part"):
+        build_strategy(settings, num_sites=5)
+
+
+def test_the_checkpoint_fails_loudly_when_fedopt_keeps_its_moments_elsewhere():
+    from flwr.serverapp.strategy import FedAdam, FedAvg
+
+    from server import checkpoint
+
+    adam = FedAdam()
+    assert checkpoint.strategy_state(adam) == {}  # before the first aggregation: nothing to keep yet
+    adam.m_t, adam.v_t = {"w": np.ones(2)}, {"w": np.zeros(2)}
+    assert set(checkpoint.strategy_state(adam)) == {"m_t", "v_t"}
+    assert checkpoint.strategy_state(FedAvg()) == {}
+    del adam.m_t  # as if a Flower release renamed the attribute
+    with pytest.raises(RuntimeError, match=r"FedAdam has no attribute\(s\) \['m_t'\]"):
+        checkpoint.strategy_state(adam)
+    with pytest.raises(RuntimeError, match="does not keep"):
+        checkpoint.restore_strategy(FedAvg(), {"m_t": {"w": np.ones(2)}})
 
 
 def test_run_config_overrides_are_passed_as_toml_values():

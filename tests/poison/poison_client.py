@@ -7,8 +7,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.app import _site
 from client.app import app as honest
+from client.mods import resolve_visit
 
 app = ClientApp()
 
@@ -16,7 +16,7 @@ app = ClientApp()
 def _poison(msg: Message, context: Context) -> Message:
     reply = honest(msg, context)
     plan = dict(item.split(":") for item in str(context.run_config.get("poison", "")).split(",") if item)
-    kind = plan.get(_site(context).name)
+    kind = plan.get(resolve_visit(msg, context).site.name)
     if not kind or reply.has_error():
         return reply
     sent = {k: a.numpy() for k, a in msg.content["arrays"].items()}

@@ -1,0 +1,42 @@
+"""The coordinator's signed ledger: where it lives, its key, and the one way a failed run is recorded.
+
+``$FEDHOSP_HOME/ledgers/run-<flwr run id>.jsonl``, signed with
+``$FEDHOSP_HOME/keys/coordinator_ed25519.pem``; the format and its verification
+are models/ledger.py's (the sites' ledgers share it).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from models.home import fedhosp_home
+from models.ledger import Ledger, load_or_create_key
+
+
+def coordinator_key():
+    """``$FEDHOSP_HOME/keys/coordinator_ed25519.pem`` (0600, created on first use)."""
+    return load_or_create_key(fedhosp_home() / "keys" / "coordinator_ed25519.pem")
+
+
+def run_ledger_path(flwr_run_id: int) -> Path:
+    return fedhosp_home() / "ledgers" / f"run-{flwr_run_id}.jsonl"
+
+
+def open_ledger(flwr_run_id: int, path: Path | None = None) -> Ledger:
+    """The run's ledger (a resumed run continues the original run's file: ``path``)."""
+    return Ledger(path or run_ledger_path(flwr_run_id), coordinator_key(), {"role": "coordinator",
+                                                                           "run_id": flwr_run_id})
+
+
+@contextmanager
+def failure_recorded(ledger: Ledger, flwr_run_id: int, tracker=None):
+    """Any exception inside becomes a ``run-failed`` event with its reason (what ``fedhosp run`` reports), and,
+    once an MLflow run is open (``tracker``), the ledger goes to MLflow with it; then it is raised again."""
+    try:
+        yield
+    except Exception as exc:
+        ledger.append("run-failed", {"flwr_run_id": flwr_run_id, "reason": f"{type(exc).__name__}: {exc}"})
+        if tracker is not None:
+            tracker.log_ledger()
+        raise
