@@ -182,7 +182,7 @@ def main(grid: Grid, context: Context) -> None:
             tracker.log_ledger()
             raise
         model.load_state_dict(strategy.global_arrays.to_torch_state_dict())
-        summary = tracker.finish(model, features, settings.input_example(len(features)))
+        summary = tracker.finish(model, features)
         ledger.append("run-end", {"final_model_hash": summary["model_hash"], "mlflow_run_id": summary["mlflow_run_id"],
                                   "registered_model": summary["registered_model"], "rounds": summary["rounds"]})
         summary["ledger"] = str(ledger.path)

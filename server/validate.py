@@ -37,7 +37,8 @@ from server import progress
 from server.report import write_report
 from server.settings import RunSettings
 from server.sites import FederationError, SiteInfo, discover_sites, exchange
-from server.tracking import ValidationTracker, download_model, tracking_uri
+from server.registry import download_model, tag_validation_verdict
+from server.tracking import ValidationTracker, tracking_uri
 from server.update_checks import structural_problem
 
 VALIDATE = f"{MessageType.EVALUATE}.validate"
@@ -231,7 +232,7 @@ def _evaluate(grid: Grid, context: Context, ledger: Ledger, settings: RunSetting
                 "cross_site": result["cross_site"], "report_sha256": _sha256(report)})
             report_uri = tracker.log(result, report)
             if loaded and loaded.registry and settings.mode == "validate":
-                tracker.tag_version(loaded.registry, result, report_uri, report)
+                tag_validation_verdict(tracker.client, loaded.registry, result, report_uri, report, tracker.run_id)
         except Exception as exc:  # MLflow gets the ledger with the failure in it
             ledger.append("run-failed", {"flwr_run_id": context.run_id, "reason": f"{type(exc).__name__}: {exc}"})
             tracker.log_ledger()
