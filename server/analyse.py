@@ -324,7 +324,7 @@ def run_analysis(grid: Grid, context: Context, settings: RunSettings, ledger: Le
     log(INFO, "fedhosp: analysis of '%s' at %d sites: %s", request.treatment, len(nodes), ", ".join(sorted(nodes.values())))
     progress.emit("sites", sites=len(nodes), task="oncology", mode="analyse")
     with AnalysisTracker(settings, context.run_id, ledger) as tracker:
-        with failure_recorded(ledger, context.run_id, tracker):
+        with failure_recorded(ledger, context.run_id):
             fits, levels = plan_fits(request, described)
             seconds = {d["site"]: float(d.get("compute-seconds", 0.0)) for d in described.values()}
             gaps, contributors = newton_fits(grid, settings, request, fits, nodes, ledger, seconds)

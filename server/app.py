@@ -143,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         names = {**{n: site for n, (site, _) in refused.items()}, **{n: s.name for n, s in sites.items()}}
         strategy = wrapped(inner, settings, names, {s.name: s.num_train for s in sites.values()}, ledger, on_round,
                            round_offset=offset)
-        with failure_recorded(ledger, context.run_id, tracker):
+        with failure_recorded(ledger, context.run_id):
             start = dict(timeout=settings.round_timeout, train_config=train_config, evaluate_config=ConfigRecord({}))
             arrays = ArrayRecord(model.state_dict())
             if settings.strategy == "newton":  # a round at a time: the exact fit stops once it has converged
@@ -160,7 +160,7 @@ def main(grid: Grid, context: Context) -> None:
             if not resume and all(r.skipped for r in tracker.rounds):
                 raise FederationError("no round produced an aggregated model (see failures/ and rejected/ in MLflow)")
         model.load_state_dict(arrays.to_torch_state_dict())
-        summary = tracker.finish(model, features, settings.input_example(len(features)))
+        summary = tracker.finish(model, features)
         ledger.append("run-end", {"final_model_hash": summary["model_hash"], "mlflow_run_id": summary["mlflow_run_id"],
                                   "registered_model": summary["registered_model"], "rounds": summary["rounds"]})
         summary["ledger"] = str(ledger.path)

@@ -30,13 +30,11 @@ def open_ledger(flwr_run_id: int, path: Path | None = None) -> Ledger:
 
 
 @contextmanager
-def failure_recorded(ledger: Ledger, flwr_run_id: int, tracker=None):
-    """Any exception inside becomes a ``run-failed`` event with its reason (what ``fedhosp run`` reports), and,
-    once an MLflow run is open (``tracker``), the ledger goes to MLflow with it; then it is raised again."""
+def failure_recorded(ledger: Ledger, flwr_run_id: int):
+    """Any exception inside becomes a ``run-failed`` event with its reason (what ``fedhosp run`` reports), then is
+    raised again. Inside an open MLflow run, the tracker closing as FAILED uploads the ledger with the event in it."""
     try:
         yield
     except Exception as exc:
         ledger.append("run-failed", {"flwr_run_id": flwr_run_id, "reason": f"{type(exc).__name__}: {exc}"})
-        if tracker is not None:
-            tracker.log_ledger()
         raise

@@ -189,13 +189,6 @@ class RunSettings:
         return build_model(self.task, self.model, endpoint=self.endpoint, num_features=num_features,
                            target=self.target, image_size=self.image_size, private=self.dp)
 
-    def input_example(self, num_features: int = 0):
-        import numpy as np
-
-        if self.task == "oncology":
-            return np.zeros((2, num_features), dtype=np.float32)
-        return np.zeros((2, 1, self.image_size, self.image_size), dtype=np.float32)
-
     def as_params(self, redact_paths: bool = False) -> dict[str, object]:
         """The whole run config under its kebab-case keys, for MLflow params.
 

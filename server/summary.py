@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
+from pathlib import Path
 from urllib.parse import urlparse
 
 from rich.console import Console
@@ -30,7 +32,6 @@ def summary_from_log(log_text: str, flwr_run_id: int) -> dict | None:
 
 
 def find_summary(uri: str, flwr_run_id: int) -> dict | None:
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from server.tracking import FLWR_RUN_TAG
@@ -41,8 +42,9 @@ def find_summary(uri: str, flwr_run_id: int) -> dict | None:
     if not runs:
         return None
     run = runs[0]
-    mlflow.set_tracking_uri(uri)
-    summary = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
+    with tempfile.TemporaryDirectory() as folder:
+        path = client.download_artifacts(run.info.run_id, "summary.json", dst_path=folder)
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
     summary["mlflow_status"] = run.info.status
     summary["experiment_id"] = run.info.experiment_id
     return summary

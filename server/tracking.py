@@ -1,9 +1,19 @@
-"""The only module that talks to MLflow.
+"""Run tracking: the only module that writes MLflow runs (the model registry is server/registry.py).
 
 One MLflow run per federated run, tagged with Flower's run id; the whole run
-config as params; aggregated and per-site metrics with ``step = server_round``;
-the final model as an artifact, registered in the model registry. On any
-exception the run is closed as FAILED, so a broken run never looks finished.
+config as params (``data-root`` as its SHA-256, as in the ledger); aggregated and
+per-site metrics with ``step = server_round``; the final model as an artifact,
+registered in the model registry. On any exception the run is closed as FAILED
+(tag ``fedhosp.error``), so a broken run never looks finished.
+
+The coordinator's ledger goes up as it grows: each call of ``log_ledger`` uploads
+the records new since the last as ``audit/ledger/part-<first seq>-<last seq>.jsonl``
+(the parts, in name order, are the ledger so far, even if the coordinator dies)
+and sets ``fedhosp.ledger_head``; closing the run uploads the whole file as
+``audit/ledger.jsonl``.
+
+Everything goes through an :class:`MlflowClient` with explicit run ids: no fluent
+API, no MLflow global state (a process may hold several runs, or none).
 """
 
 from __future__ import annotations
@@ -12,24 +22,37 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
+from logging import INFO, WARNING
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
 import torch
+from flwr.common import log
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context import registry as run_context
+from mlflow.utils.time import get_current_time_millis
+from mlflow.utils.uri import append_to_uri_path
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from models.ledger import Ledger
 from models.home import fedhosp_home
 from models.builders import model_hash
+from server.registry import register_version, registered_name, tag_version
 from server.settings import RunSettings
 from server.sites import SiteInfo
-from server.strategy import SiteRound
+from server.round_report import SiteRound
 
 FLWR_RUN_TAG = "flwr.run_id"
 LEDGER_HEAD_TAG = "fedhosp.ledger_head"
 CHECKPOINT_TAG = "fedhosp.checkpoint"
+ERROR_TAG = "fedhosp.error"
+LEDGER_ARTIFACT = "audit/ledger.jsonl"  # the whole ledger, uploaded when the run closes
+LEDGER_PARTS = "audit/ledger"  # part-<first seq>-<last seq>.jsonl, uploaded as the ledger grows
+_PART = re.compile(r"part-(\d+)-(\d+)\.jsonl$")
 
 
 def checkpoint_of_run(settings: RunSettings, mlflow_run_id: str) -> str:
@@ -43,10 +66,6 @@ def checkpoint_of_run(settings: RunSettings, mlflow_run_id: str) -> str:
 def tracking_uri(settings: RunSettings) -> str:
     """run-config ``mlflow-uri``, else ``$MLFLOW_TRACKING_URI``, else ``$FEDHOSP_HOME/mlflow.db``."""
     return settings.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{fedhosp_home() / 'mlflow.db'}"
-
-
-def registered_name(settings: RunSettings) -> str:
-    return f"fedhosp-{settings.task}-{settings.outcome}"
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
@@ -64,24 +83,116 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def ledger_part_name(first: int, last: int) -> str:
+    """The artifact path of the ledger records ``first`` to ``last`` (their ``seq``), both included."""
+    return f"{LEDGER_PARTS}/part-{first:06d}-{last:06d}.jsonl"
+
+
 class _OpenRun:
     """What every fedhosp MLflow run does: close as FAILED on an exception (never looking finished),
-    carry the ledger as it stands and the summary ``fedhosp run`` prints."""
+    carry the ledger as it grows and, once closed, whole, and the summary ``fedhosp run`` prints."""
 
     ledger: Ledger
+    client: MlflowClient
+    uri: str
+    run_id: str = ""
+    artifact_uri: str = ""
+    _ledger_offset: int = 0  # bytes of the ledger file already in MLflow as parts
+
+    def _start(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> None:
+        """A new run; the context tags (user, source) as the fluent API would set them."""
+        run = self.client.create_run(experiment_id, tags=run_context.resolve_tags(tags), run_name=run_name)
+        self._attach(run)
+
+    def _attach(self, run) -> None:
+        self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
+
+    def _fail_on_error(self, step):
+        """Run ``step`` (the logging that follows creating the run); an exception closes the run as FAILED."""
+        try:
+            step()
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
-            mlflow.set_tag("fedhosp.error", f"{exc_type.__name__}: {exc}"[:5000])
-        mlflow.end_run("FAILED" if exc is not None else "FINISHED")
+            self._close_failed(exc)
+            return
+        try:
+            self._log_whole_ledger()
+        except Exception as failure:  # a run whose ledger MLflow lacks must not look finished
+            self._close_failed(failure)
+            raise
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def _close_failed(self, exc: BaseException) -> None:
+        """FAILED, with the error as tag ``fedhosp.error`` and the ledger as it stands. The run's own exception
+        is what propagates: a failure to record it here (the store unreachable) is logged, not raised."""
+        for step in (lambda: self.client.set_tag(self.run_id, ERROR_TAG, f"{type(exc).__name__}: {exc}"[:5000]),
+                     self._log_whole_ledger, lambda: self.client.set_terminated(self.run_id, "FAILED")):
+            try:
+                step()
+            except Exception as failure:
+                log(WARNING, "fedhosp: MLflow run %s: cannot record its failure (%s: %s)", self.run_id,
+                    type(failure).__name__, failure)
+
+    def log_batch(self, metrics: dict[str, float] | None = None, params: dict[str, object] | None = None,
+                  tags: dict[str, str] | None = None, step: int = 0) -> None:
+        """Metrics (at ``step``), params and tags, in as many calls as MLflow's batch limits need."""
+        now = get_current_time_millis()
+        batch = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+        named = [Param(k, str(v)) for k, v in (params or {}).items()]
+        labels = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, len(named), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=named[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(labels), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=labels[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+
+    def artifact(self, path: str) -> str:
+        """The URI of one of this run's artifacts."""
+        return append_to_uri_path(self.artifact_uri, path)
 
     def log_ledger(self) -> None:
-        """The ledger as it stands as ``audit/ledger.jsonl``; its head hash as a tag."""
-        mlflow.log_text(self.ledger.path.read_text(encoding="utf-8"), "audit/ledger.jsonl")
-        mlflow.set_tag(LEDGER_HEAD_TAG, self.ledger.head)
+        """The ledger records appended since the last call as ``audit/ledger/part-<first>-<last>.jsonl``;
+        the ledger's head hash as a tag."""
+        with open(self.ledger.path, "rb") as fh:
+            fh.seek(self._ledger_offset)
+            new = fh.read()
+        new = new[:new.rfind(b"\n") + 1]  # whole records only
+        if not new:  # nothing appended since: MLflow has it all, head tag included
+            return
+        text = new.decode("utf-8")
+        lines = text.splitlines()
+        first, last = json.loads(lines[0])["seq"], json.loads(lines[-1])["seq"]
+        self.client.log_text(self.run_id, text, ledger_part_name(first, last))
+        self._ledger_offset += len(new)
+        self.client.set_tag(self.run_id, LEDGER_HEAD_TAG, self.ledger.head)
+
+    def _log_whole_ledger(self) -> None:
+        """What is left as a part, then the whole ledger as ``audit/ledger.jsonl`` (the run is closing)."""
+        self.log_ledger()
+        self.client.log_text(self.run_id, self.ledger.path.read_text(encoding="utf-8"), LEDGER_ARTIFACT)
+
+    def _uploaded_ledger_offset(self) -> int:
+        """For a resumed run: the bytes of the ledger file its parts in MLflow already hold."""
+        seqs = [int(m.group(2)) for f in self.client.list_artifacts(self.run_id, LEDGER_PARTS)
+                if (m := _PART.search(f.path))]
+        if not seqs:
+            return 0
+        offset = 0
+        with open(self.ledger.path, "rb") as fh:
+            for line in fh:
+                offset += len(line)
+                if json.loads(line)["seq"] == max(seqs):
+                    return offset
+        raise RuntimeError(f"MLflow run {self.run_id} holds ledger records up to seq {max(seqs)}, "
+                           f"which {self.ledger.path} does not have")
 
     def log_summary(self, summary: dict) -> None:
-        mlflow.log_dict(summary, "summary.json")
+        self.client.log_dict(self.run_id, summary, "summary.json")
 
 
 class Tracker(_OpenRun):
@@ -102,38 +213,40 @@ class Tracker(_OpenRun):
         self.unit = "patients" if settings.task == "oncology" else "images"  # what num-examples counts
 
     def __enter__(self) -> "Tracker":
-        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
+        if self.resume_run_id:
+            run = self.client.get_run(self.resume_run_id)
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            self._attach(run)
+            self._fail_on_error(self._resume)
+            return self
         experiment = _experiment_id(self.client, self.uri, self.settings.mlflow_experiment)
-        tags = {
+        self._start(experiment, f"flwr-{self.flwr_run_id}-{self.settings.strategy}", {
             FLWR_RUN_TAG: str(self.flwr_run_id),
             "fedhosp.task": self.settings.task,
             "fedhosp.outcome": self.settings.outcome,
             "fedhosp.sites": ",".join(s.name for s in self.sites),
-        }
-        if self.resume_run_id:
-            run = mlflow.start_run(run_id=self.resume_run_id)
-            history = self.client.get_metric_history(self.resume_run_id, "federation/round_duration_s")
-            self.logged_up_to = max((m.step for m in history), default=0)
-            mlflow.set_tag("fedhosp.resumed_by", str(self.flwr_run_id))
-            self.run_id = run.info.run_id
-            return self
-        run = mlflow.start_run(
-            experiment_id=experiment, run_name=f"flwr-{self.flwr_run_id}-{self.settings.strategy}", tags=tags
-        )
-        self.run_id = run.info.run_id
-        mlflow.log_params(self.settings.as_params())
-        mlflow.log_params({"num-sites": len(self.sites)})
-        mlflow.log_dict(
-            {s.name: {"num_train": s.num_train, "num_test": s.num_test, "skipped_rows": s.skipped_rows,
-                      "features": list(s.features)} for s in self.sites},
-            "sites.json",
-        )
+        })
+        self._fail_on_error(self._describe)
         return self
+
+    def _describe(self) -> None:
+        """A new run's params (the ledger's: ``data-root`` redacted) and sites.json."""
+        self.log_batch(params={**self.settings.as_params(redact_paths=True), "num-sites": len(self.sites)})
+        self.client.log_dict(self.run_id, {
+            s.name: {"num_train": s.num_train, "num_test": s.num_test, "skipped_rows": s.skipped_rows,
+                     "features": list(s.features)} for s in self.sites}, "sites.json")
+
+    def _resume(self) -> None:
+        """A resumed run: which rounds and which ledger records MLflow already has."""
+        history = self.client.get_metric_history(self.run_id, "federation/round_duration_s")
+        self.logged_up_to = max((m.step for m in history), default=0)
+        self._ledger_offset = self._uploaded_ledger_offset()
+        self.client.set_tag(self.run_id, "fedhosp.resumed_by", str(self.flwr_run_id))
 
     def checkpointed(self, checkpoint: Path) -> None:
         """The run's checkpoint file (for ``resume-from = <mlflow run id>``), tagged once it exists."""
-        mlflow.set_tag(CHECKPOINT_TAG, str(checkpoint))
+        self.client.set_tag(self.run_id, CHECKPOINT_TAG, str(checkpoint))
 
     def log_round(self, r: SiteRound) -> None:
         """Aggregated metrics under ``federation/``, each site's under its own name."""
@@ -165,21 +278,21 @@ class Tracker(_OpenRun):
             for key, value in r.evaluate.get(name, {}).items():
                 renamed = {"num-examples": f"num_test_{self.unit}", "loss": "eval_loss"}.get(key, key)
                 metrics[f"{name}/{renamed}"] = value
-        mlflow.log_metrics(metrics, step=r.server_round)
+        self.log_batch(metrics, step=r.server_round)
         if r.failures:
-            mlflow.log_dict(r.failures, f"failures/round-{r.server_round:04d}.json")
+            self.client.log_dict(self.run_id, r.failures, f"failures/round-{r.server_round:04d}.json")
         if r.rejected or r.skipped:
-            mlflow.log_dict({"rejected": r.rejected, "skipped": r.skipped}, f"rejected/round-{r.server_round:04d}.json")
+            self.client.log_dict(self.run_id, {"rejected": r.rejected, "skipped": r.skipped},
+                                 f"rejected/round-{r.server_round:04d}.json")
         self.log_ledger()
 
     def log_ledger(self, final: bool = False) -> None:
         """As for every run; at the end also the head hash on the model version."""
         super().log_ledger()
         if final and self.version is not None:
-            self.client.set_model_version_tag(registered_name(self.settings), self.version, LEDGER_HEAD_TAG,
-                                              self.ledger.head)
+            tag_version(self.client, registered_name(self.settings), self.version, {LEDGER_HEAD_TAG: self.ledger.head})
 
-    def finish(self, model: torch.nn.Module, features: list[str], input_example) -> dict:
+    def finish(self, model: torch.nn.Module, features: list[str]) -> dict:
         """Save the final model to disk, log it to MLflow, register it; return the run summary."""
         state = model.state_dict()
         digest = model_hash(state)
@@ -193,21 +306,20 @@ class Tracker(_OpenRun):
         }
         torch.save(state, folder / "model.pt")
         (folder / "model.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
-        mlflow.log_artifacts(str(folder), "final_model")
-        mlflow.set_tag("fedhosp.model_hash", digest)
+        self.client.log_artifacts(self.run_id, str(folder), "final_model")
+        self.client.set_tag(self.run_id, "fedhosp.model_hash", digest)
 
         started = time.perf_counter()
         # The registered version's source is final_model/ (state dict + spec): what validation
         # (``model-uri = models:/...``) loads; exporting a pt2 program cost ~10 s per run.
-        version = register_version(self.client, registered_name(self.settings), mlflow.get_artifact_uri("final_model"),
+        version = register_version(self.client, registered_name(self.settings), self.artifact("final_model"),
                                    self.run_id)
         self.version = version
-        if version is not None:
-            contributing = sorted(set().union(*(r.train for r in self.rounds)))  # sites whose updates were used
-            privacy = {"fedhosp.privacy": json.dumps(spec["privacy"], sort_keys=True)} if spec["privacy"] else {}
-            for key, value in {**privacy, "fedhosp.sites": ",".join(contributing),
-                               "fedhosp.model_hash": digest, FLWR_RUN_TAG: str(self.flwr_run_id)}.items():
-                self.client.set_model_version_tag(registered_name(self.settings), str(version), key, value)
+        contributing = sorted(set().union(*(r.train for r in self.rounds)))  # sites whose updates were used
+        privacy = {"fedhosp.privacy": json.dumps(spec["privacy"], sort_keys=True)} if spec["privacy"] else {}
+        tag_version(self.client, registered_name(self.settings), version, {
+            **privacy, "fedhosp.sites": ",".join(contributing), "fedhosp.model_hash": digest,
+            FLWR_RUN_TAG: str(self.flwr_run_id)})
         last = self.rounds[-1] if self.rounds else None
         summary = {
             "flwr_run_id": self.flwr_run_id,
@@ -248,16 +360,6 @@ class Tracker(_OpenRun):
 PRIVACY_METRICS = ("epsilon", "epsilon_spent", "delta", "max_epsilon", "noise_multiplier", "sample_rate", "dp_steps")
 
 
-def register_version(client: MlflowClient, name: str, source: str, run_id: str | None) -> str | None:
-    """A new version of ``name`` whose source is a final_model/ folder (model.pt + model.json)."""
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    return str(client.create_model_version(name, source, run_id=run_id, await_creation_for=60).version)
-
-
 # ---------------------------------------------------------------- validation
 
 
@@ -265,33 +367,6 @@ def mlflow_name(text: str) -> str:
     """A subgroup or site label as MLflow accepts in a metric name (``<50`` -> ``under 50``, ``80+`` -> ``80 plus``)."""
     text = str(text).replace("<", "under ").replace("+", " plus")
     return re.sub(r"[^\w\-. :/]", "_", text)
-
-
-def download_model(uri: str, tracking: str) -> tuple[Path, tuple[str, str] | None]:
-    """The final_model/ folder a ``models:/name/version`` (or ``@alias``) or ``runs:/`` URI points to.
-
-    Returns the local folder and, for a registry URI, (name, version) for tagging the verdict.
-    """
-    client = MlflowClient(tracking)
-    if uri.startswith("models:/"):
-        ref = uri.removeprefix("models:/")
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, number = ref.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-        else:
-            raise ValueError(f"model-uri {uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
-        source = version.source
-        if not source or "final_model" not in source:  # a version logged some other way: its run's final_model/
-            if not version.run_id:
-                raise ValueError(f"model-uri {uri!r}: the version has no fedhosp final_model/ and no run")
-            source = f"runs:/{version.run_id}/final_model"
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking)
-        return Path(folder), (name, str(version.version))
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking)
-    return Path(folder), None
 
 
 class ValidationTracker(_OpenRun):
@@ -304,19 +379,22 @@ class ValidationTracker(_OpenRun):
         self.run_id = ""
 
     def __enter__(self) -> "ValidationTracker":
-        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.experiment = _experiment_id(self.client, self.uri, self.settings.mlflow_experiment)
-        run = mlflow.start_run(experiment_id=self.experiment, run_name=f"{self.settings.mode}-flwr-{self.flwr_run_id}",
-                               tags={FLWR_RUN_TAG: str(self.flwr_run_id), "fedhosp.mode": self.settings.mode,
-                                     "fedhosp.task": self.settings.task, "fedhosp.outcome": self.settings.outcome,
-                                     "fedhosp.model_hash": self.model_hash, "fedhosp.model_uri": self.model_uri})
-        self.run_id = run.info.run_id
-        mlflow.log_params(self.settings.as_params())
+        self._start(self.experiment, f"{self.settings.mode}-flwr-{self.flwr_run_id}", {
+            FLWR_RUN_TAG: str(self.flwr_run_id), "fedhosp.mode": self.settings.mode,
+            "fedhosp.task": self.settings.task, "fedhosp.outcome": self.settings.outcome,
+            "fedhosp.model_hash": self.model_hash, "fedhosp.model_uri": self.model_uri})
+        self._fail_on_error(lambda: self.log_batch(params=self.settings.as_params(redact_paths=True)))
         return self
 
     def previous(self) -> dict | None:
-        """The newest finished validation of the same weights (by model hash), for drift."""
+        """The newest finished validation of the same weights (by model hash), for drift.
+
+        A finished validation without ``validation.json`` is passed over (and the log says so); any other
+        failure to read one (the store unreachable, the run's artifacts gone, a corrupt file) raises, naming
+        the MLflow run: drift must not quietly compare with an older validation, or with none.
+        """
         runs = self.client.search_runs(
             [self.experiment],
             filter_string=(f"tags.`fedhosp.model_hash` = '{self.model_hash}' and tags.`fedhosp.mode` = 'validate' "
@@ -325,12 +403,29 @@ class ValidationTracker(_OpenRun):
         for run in runs:
             if run.info.run_id == self.run_id:
                 continue
+            where = (f"the previous validation of these weights, MLflow run {run.info.run_id} (experiment "
+                     f"{self.settings.mlflow_experiment!r} at {self.uri})")
             try:
-                path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="validation.json",
-                                                           tracking_uri=self.uri)
-            except Exception:
+                listed = {f.path for f in self.client.list_artifacts(run.info.run_id)}
+            except Exception as exc:
+                raise RuntimeError(f"drift: cannot list the artifacts of {where}: {type(exc).__name__}: {exc}") \
+                    from exc
+            if not listed:  # a finished validation always has its ledger and summary: the store lost them
+                raise RuntimeError(f"drift: {where} has no artifacts at all (its artifact store unreachable, "
+                                   f"or emptied)")
+            if "validation.json" not in listed:
+                log(INFO, "fedhosp: drift: MLflow run %s, a finished validation of these weights, has no "
+                    "validation.json; skipped", run.info.run_id)
                 continue
-            previous = json.loads(Path(path).read_text(encoding="utf-8"))
+            with tempfile.TemporaryDirectory() as folder:
+                try:
+                    path = self.client.download_artifacts(run.info.run_id, "validation.json", dst_path=folder)
+                    previous = json.loads(Path(path).read_text(encoding="utf-8"))
+                except Exception as exc:
+                    raise RuntimeError(f"drift: cannot read validation.json of {where}: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+            if not isinstance(previous, dict):
+                raise RuntimeError(f"drift: validation.json of {where} is not a JSON object")
             previous["mlflow_run_id"] = run.info.run_id
             return previous
         return None
@@ -367,23 +462,12 @@ class ValidationTracker(_OpenRun):
                 put(f"cross_site/{model}/{site}/{result['cross_site']['metric']}", figure)
         metrics["federation/passed"] = 1.0 if result["verdict"] == "PASS" else 0.0
         metrics["federation/drift_flags"] = float(len(result["drift"]["flags"]))
-        mlflow.log_metrics(metrics, step=0)
-        mlflow.set_tags({"fedhosp.verdict": result["verdict"], "fedhosp.criteria": result["criteria"]["name"]})
-        mlflow.log_dict(result, "validation.json")
-        mlflow.log_artifact(str(report), "report")
+        self.log_batch(metrics, tags={"fedhosp.verdict": result["verdict"],
+                                      "fedhosp.criteria": result["criteria"]["name"]}, step=0)
+        self.client.log_dict(self.run_id, result, "validation.json")
+        self.client.log_artifact(self.run_id, str(report), "report")
         self.log_ledger()
-        return mlflow.get_artifact_uri(f"report/{report.name}")
-
-    def tag_version(self, registry: tuple[str, str], result: dict, report_uri: str, report_path: Path) -> None:
-        """The verdict on the registered model version: what a hospital checks before switching it on."""
-        name, version = registry
-        tags = {"fedhosp.validation.verdict": result["verdict"], "fedhosp.validation.report": report_uri,
-                "fedhosp.validation.report_file": str(report_path), "fedhosp.validation.run": self.run_id,
-                "fedhosp.validation.criteria": result["criteria"]["name"],
-                "fedhosp.validation.sites": ",".join(f"{n}={s.get('verdict')}" for n, s in result["sites"].items()),
-                "fedhosp.validation.drift": "; ".join(result["drift"]["flags"])[:4000] or "none"}
-        for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, value)
+        return self.artifact(f"report/{report.name}")
 
 
 class AnalysisTracker(_OpenRun):
@@ -395,14 +479,12 @@ class AnalysisTracker(_OpenRun):
         self.run_id = ""
 
     def __enter__(self) -> "AnalysisTracker":
-        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         experiment = _experiment_id(self.client, self.uri, self.settings.mlflow_experiment)
-        run = mlflow.start_run(experiment_id=experiment, run_name=f"analyse-flwr-{self.flwr_run_id}",
-                               tags={FLWR_RUN_TAG: str(self.flwr_run_id), "fedhosp.mode": "analyse",
-                                     "fedhosp.task": "oncology", "fedhosp.treatment": self.settings.treatment})
-        self.run_id = run.info.run_id
-        mlflow.log_params(self.settings.as_params())
+        self._start(experiment, f"analyse-flwr-{self.flwr_run_id}", {
+            FLWR_RUN_TAG: str(self.flwr_run_id), "fedhosp.mode": "analyse", "fedhosp.task": "oncology",
+            "fedhosp.treatment": self.settings.treatment})
+        self._fail_on_error(lambda: self.log_batch(params=self.settings.as_params(redact_paths=True)))
         return self
 
     def log(self, result: dict, report: Path) -> str:
@@ -428,8 +510,8 @@ class AnalysisTracker(_OpenRun):
                         put(f"subgroup/{column}/{level}/{key}", figure[key])
             put(f"subgroup/{column}/interaction_p", levels.get("interaction_p"))
             put(f"subgroup/{column}/interaction_p_holm", levels.get("interaction_p_holm"))
-        mlflow.log_metrics(metrics, step=0)
-        mlflow.log_dict(result, "analysis.json")
-        mlflow.log_text(report.read_text(encoding="utf-8"), "report/analysis.html")
+        self.log_batch(metrics, step=0)
+        self.client.log_dict(self.run_id, result, "analysis.json")
+        self.client.log_text(self.run_id, report.read_text(encoding="utf-8"), "report/analysis.html")
         self.log_ledger()
-        return mlflow.get_artifact_uri("report/analysis.html")
+        return self.artifact("report/analysis.html")

@@ -38,7 +38,8 @@ from server.report import write_report
 from server.settings import RunSettings
 from server.ledgers import failure_recorded
 from server.sites import FederationError, SiteInfo, discover_sites, exchange
-from server.tracking import ValidationTracker, download_model, tracking_uri
+from server.registry import download_model, tag_validation_verdict
+from server.tracking import ValidationTracker, tracking_uri
 from server.update_checks import structural_problem
 
 VALIDATE = f"{MessageType.EVALUATE}.validate"
@@ -199,7 +200,7 @@ def _evaluate(grid: Grid, context: Context, ledger: Ledger, settings: RunSetting
     outcome = settings.outcome
     with ValidationTracker(settings, context.run_id, loaded.hash if loaded else "", settings.model_uri,
                            ledger) as tracker:
-        with failure_recorded(ledger, context.run_id, tracker):
+        with failure_recorded(ledger, context.run_id):
             records: dict[str, ArrayRecord] = {}
             failed_training: dict[str, str] = {}
             if loaded:
@@ -230,7 +231,7 @@ def _evaluate(grid: Grid, context: Context, ledger: Ledger, settings: RunSetting
                 "cross_site": result["cross_site"], "report_sha256": _sha256(report)})
             report_uri = tracker.log(result, report)
             if loaded and loaded.registry and settings.mode == "validate":
-                tracker.tag_version(loaded.registry, result, report_uri, report)
+                tag_validation_verdict(tracker.client, loaded.registry, result, report_uri, report, tracker.run_id)
         summary = {
             "mode": settings.mode, "flwr_run_id": context.run_id, "mlflow_run_id": tracker.run_id,
             "tracking_uri": tracker.uri, "experiment": settings.mlflow_experiment, "task": settings.task,

@@ -28,7 +28,8 @@ from client.train import TrainSettings, predict, train_tabular
 from models.builders import build_model, model_hash
 from server import runner
 from server.summary import find_summary
-from server.tracking import _experiment_id, mlflow_name, register_version
+from server.registry import register_version
+from server.tracking import _experiment_id, mlflow_name
 from tests.conftest import APP_DIR
 
 pytestmark = pytest.mark.timeout(900)
