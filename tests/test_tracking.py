@@ -64,7 +64,7 @@ def _sites() -> dict[int, SiteInfo]:
 
 
 def _round(ledger: Ledger, k: int, failed: bool = False) -> SiteRound:
-    """One round as the strategy reports it, its events in the ledger first (as ReportingStrategy writes them)."""
+    """One round as the strategy reports it, its events in the ledger first (as RoundReporter writes them)."""
     ledger.append("round-start", {"round": k, "sites": ["Hovedstaden", "Sjælland"]})
     ledger.append("aggregation", {"round": k, "global_model_hash": f"{k:064d}"})
     ledger.append("round-end", {"round": k})
