@@ -81,11 +81,8 @@ class OncologyTask:
 
     def predictions(self, model, data) -> Predictions:
         """The test split with the model's outputs, for validation (stays on the node)."""
-        test = data.test
-        out = _local().predict(model, test.x)
-        if self.endpoint == "survival":
-            return Predictions("survival", out, test.time, test.event, groups=test.groups)
-        return Predictions("response", 1.0 / (1.0 + np.exp(-out)), test.label, groups=test.groups)
+        local = _local()
+        return local.tabular_predictions(local.predict(model, data.test.x), data.test, self.endpoint)
 
 
 class RadiologyTask:
@@ -138,12 +135,10 @@ class RadiologyTask:
         return _local().evaluate_images(model, data.test, self.target, self.device)
 
     def predictions(self, model, data) -> Predictions:
-        import torch
-
-        test = data.test
-        prob = torch.softmax(torch.from_numpy(_local().predict(model, test.images, device=self.device)), dim=1).numpy()
-        score = prob[:, 1] if self.target == "referral" else prob
-        return Predictions(self.target, score, test.labels, clusters=test.patients, groups=test.groups)
+        """The test split with the class probabilities (or P(referral)), for validation (stays on the node)."""
+        local = _local()
+        return local.image_predictions(local.predict(model, data.test.images, device=self.device), data.test,
+                                       self.target)
 
 
 TASKS = {"oncology": OncologyTask, "radiology": RadiologyTask}

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from client.privacy import DPSettings
-from models.oncology import binary_metrics, concordance_index, cox_partial_nll, response_loss
-from models.radiology import classification_metrics
+from models.metrics import Predictions, round_metrics, sigmoid
+from models.oncology import cox_partial_nll, response_loss
 
 
 @dataclass(frozen=True)
@@ -160,18 +160,32 @@ def predict(model: nn.Module, x: np.ndarray, batch: int = 256, device: str = "cp
         model.to("cpu")
 
 
+def tabular_predictions(out: np.ndarray, data, endpoint: str) -> Predictions:
+    """A split with the model's outputs (risk, or P(response)): what evaluation and validation both measure."""
+    if endpoint == "survival":
+        return Predictions("survival", out, data.time, data.event, groups=data.groups)
+    return Predictions("response", sigmoid(out), data.label, groups=data.groups)
+
+
+def image_predictions(logits: np.ndarray, data, target: str) -> Predictions:
+    """A split with the class probabilities (kl-grade), or P(referral) (referral), and the patients."""
+    prob = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    score = prob[:, 1] if target == "referral" else prob
+    return Predictions(target, score, data.labels, clusters=data.patients, groups=data.groups)
+
+
 def evaluate_tabular(model: nn.Module, data, endpoint: str) -> dict[str, float]:
-    """Loss and the endpoint's metrics on one split (full batch)."""
+    """Loss and the endpoint's metrics on one split (full batch), by models/metrics.py as a validation's."""
     out = predict(model, data.x)
     if endpoint == "survival":
         loss = cox_partial_nll(torch.from_numpy(out), torch.from_numpy(data.time), torch.from_numpy(data.event))
-        return {"loss": float(loss), "c_index": concordance_index(data.time, out, data.event)}
-    loss = response_loss(torch.from_numpy(out), torch.from_numpy(data.label))
-    return {"loss": float(loss), **binary_metrics(out, data.label)}
+    else:
+        loss = response_loss(torch.from_numpy(out), torch.from_numpy(data.label))
+    return {"loss": float(loss), **round_metrics(tabular_predictions(out, data, endpoint))}
 
 
 def evaluate_images(model: nn.Module, data, target: str, device: str = "cpu") -> dict[str, float]:
+    """Cross-entropy and the target's metrics on one split, by models/metrics.py as a validation's."""
     logits = predict(model, data.images, device=device)
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(data.labels))
-    prob = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-    return {"loss": float(loss), **classification_metrics(prob, data.labels, target)}
+    return {"loss": float(loss), **round_metrics(image_predictions(logits, data, target))}

@@ -9,7 +9,8 @@ reliability bin with fewer than ``min_cell`` cases is sent as "suppressed" and
 nothing else, and when an attribute has a suppressed group the other groups'
 counts are withheld too, so no count can be recovered by subtraction.
 
-The metrics themselves are models/metrics.py's; the wire format models/wire.py's.
+The metrics themselves, and the decision rule, are models/metrics.py's (the same
+functions a training round's evaluation reports); the wire format models/wire.py's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.metrics import BINS, Predictions, estimate, metric_functions, reliability
+from models.metrics import BINS, THRESHOLD, Predictions, estimate, metric_functions, predicted_grade, reliability
 from models.wire import SUPPRESSED, group_order
 
 
@@ -26,7 +27,7 @@ from models.wire import SUPPRESSED, group_order
 class QCSettings:
     bootstrap: int = 1000  # resamples; 0: point estimates only
     min_cell: int = 10
-    threshold: float = 0.5  # the model's operating threshold on the positive-class probability
+    threshold: float = THRESHOLD  # the model's operating threshold: positive iff P(positive) >= threshold
     seed: int = 42
     subgroups: bool = True
 
@@ -60,7 +61,7 @@ def validate(pred: Predictions, cfg: QCSettings) -> dict:
             result["subgroups"][attribute] = groups
     if pred.outcome != "survival":
         if pred.outcome == "kl-grade":
-            confidence, correct, kind = pred.score.max(1), pred.score.argmax(1) == pred.y, "top-label"
+            confidence, correct, kind = pred.score.max(1), predicted_grade(pred.score) == pred.y, "top-label"
         else:
             confidence, correct, kind = pred.score, pred.y == 1, "positive-class"
         count, mean, observed, _ = reliability(confidence, correct)

@@ -3,12 +3,11 @@
 Survival uses the Cox partial likelihood, which only needs each site's own risk
 sets: every site's loss is a stratified Cox loss over its own patients, so the
 coordinator never needs event times. Response is a plain binary classifier on
-the same features.
+the same features. Their metrics (C-index, AUC, accuracy) are models/metrics.py's.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -105,44 +104,6 @@ def cox_partial_nll(
     if reduction == "sum":
         return nll
     return nll / n_events
-
-
-def concordance_index(time: np.ndarray, risk: np.ndarray, event: np.ndarray) -> float:
-    """Harrell's C-index: the share of comparable pairs ordered correctly by risk.
-
-    A pair (i, j) is comparable when ``event[i] == 1`` and either
-    ``time[i] < time[j]``, or the times are equal and j was censored (j is known
-    to have outlived i, as in lifelines and R's survival). It is concordant when
-    ``risk[i] > risk[j]``; equal risks count one half. Returns
-    NaN when no pair is comparable. Memory is bounded by working in row blocks.
-    """
-    time = np.asarray(time, dtype=float).reshape(-1)
-    risk = np.asarray(risk, dtype=float).reshape(-1)
-    event = np.asarray(event).reshape(-1).astype(bool)
-    concordant = 0.0
-    comparable = 0
-    idx = np.flatnonzero(event)
-    block = max(1, 4_000_000 // max(len(time), 1))
-    for start in range(0, len(idx), block):
-        rows = idx[start : start + block]
-        later = (time[None, :] > time[rows, None]) | (
-            (time[None, :] == time[rows, None]) & ~event[None, :]
-        )
-        comparable += int(later.sum())
-        diff = risk[rows, None] - risk[None, :]
-        concordant += float(((diff > 0) & later).sum()) + 0.5 * float(((diff == 0) & later).sum())
-    return concordant / comparable if comparable else float("nan")
-
-
-def binary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """AUC and accuracy (threshold 0.5) of a response model; AUC is NaN with one class."""
-    from sklearn.metrics import roc_auc_score
-
-    logits = np.asarray(logits, dtype=float).reshape(-1)
-    labels = np.asarray(labels).reshape(-1).astype(int)
-    prob = 1.0 / (1.0 + np.exp(-logits))
-    auc = float(roc_auc_score(labels, prob)) if len(np.unique(labels)) == 2 else float("nan")
-    return {"auc": auc, "accuracy": float(((prob >= 0.5).astype(int) == labels).mean())}
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

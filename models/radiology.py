@@ -1,9 +1,10 @@
-"""Radiology models: MONAI networks for knee X-ray grading, and their metrics.
+"""Radiology models: MONAI networks for knee X-ray grading (their metrics are models/metrics.py's).
 
 Targets: ``kl-grade`` (Kellgren–Lawrence 0–4, five classes) or ``referral``
 (binary: KL >= 2, the patients who should see the orthopaedic specialist).
 Both are trained as softmax classifiers so one loss and one evaluation path
-serve both.
+serve both; a referral model's positive-class probability is then classified
+by models/metrics.py's rule (P >= threshold), not by argmax.
 """
 
 from __future__ import annotations
@@ -36,29 +37,5 @@ def build_radiology_model(model: str, target: str, image_size: int) -> nn.Module
 
 
 def referral_from_grade(grade: np.ndarray) -> np.ndarray:
+    """The referral label of a KL grade (KL >= 2); a label, not a prediction."""
     return (np.asarray(grade) >= 2).astype(np.int64)
-
-
-def classification_metrics(prob: np.ndarray, labels: np.ndarray, target: str) -> dict[str, float]:
-    """Accuracy and AUC for both targets; QWK for KL grades; sensitivity/specificity for referral.
-
-    AUC for five classes is the one-vs-rest macro average over the classes that
-    occur in ``labels`` with both positives and negatives (a site's test split
-    may lack a grade); NaN when none does.
-    """
-    from sklearn.metrics import cohen_kappa_score, roc_auc_score
-
-    prob = np.asarray(prob, dtype=float)
-    labels = np.asarray(labels).astype(int)
-    pred = prob.argmax(axis=1)
-    out = {"accuracy": float((pred == labels).mean())}
-    aucs = [roc_auc_score(labels == c, prob[:, c]) for c in range(prob.shape[1])
-            if 0 < (labels == c).sum() < len(labels)]
-    out["auc"] = float(np.mean(aucs)) if aucs else float("nan")
-    if target == "kl-grade":
-        out["kappa"] = float(cohen_kappa_score(labels, pred, weights="quadratic", labels=list(range(5))))
-    else:
-        pos, neg = labels == 1, labels == 0
-        out["sensitivity"] = float((pred[pos] == 1).mean()) if pos.any() else float("nan")
-        out["specificity"] = float((pred[neg] == 0).mean()) if neg.any() else float("nan")
-    return out

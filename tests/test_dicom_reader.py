@@ -326,7 +326,25 @@ def test_errors_name_the_site_and_problem_only(tmp_path):
             assert secret not in message, (secret, message)
 
 
-def test_a_fresh_process_decodes_nothing_and_gets_identical_arrays(tmp_path):
+# Every pixel decode goes through pydicom's ``Dataset.pixel_array``; this makes it count and fail, so a load
+# that still returns its images took them from the cache. (Defines ``attempts``; exec'd in this process and in
+# fresh ones.)
+BLOCK_DECODING = """
+from pydicom.dataset import Dataset
+attempts = []
+def _blocked(self):
+    attempts.append(1)
+    raise RuntimeError("pixel decoding is blocked here")
+Dataset.pixel_array = property(_blocked)
+"""
+
+
+def _entries(cache: Path) -> dict[str, tuple[int, int, int]]:
+    """Every cache file's inode, mtime and size: an entry written again (temp file + rename) changes them."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in cache.iterdir()}
+
+
+def test_a_fresh_process_decodes_nothing_and_gets_identical_arrays(tmp_path, monkeypatch):
     make_site(tmp_path / "site")
     cache = tmp_path / "cache"
     first = load_radiology_site(tmp_path / "site", "Aalborg", image_size=32, cache_dir=cache)
@@ -334,18 +352,31 @@ def test_a_fresh_process_decodes_nothing_and_gets_identical_arrays(tmp_path):
     assert not list(cache.glob(".tmp-*"))
     cut = hashlib.sha256((tmp_path / "site" / "cut.dcm").read_bytes()).hexdigest()
     assert json.loads((cache / f"{cut}-v{dicom.PREPROCESS_VERSION}h{dicom.HEADER_VERSION}.json").read_text()) == {"skip": "not DICOM"}
+    entries = _entries(cache)
+
+    # the block bites: without the cache the same folder has no decodable image, and every try is counted
+    blocked: dict = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(Dataset, "pixel_array", Dataset.pixel_array)  # restored after the block
+        exec(BLOCK_DECODING, blocked)
+        with pytest.raises(SiteDataError, match="no usable images"):
+            load_radiology_site(tmp_path / "site", "Aalborg", image_size=32, cache_dir=tmp_path / "empty")
+    assert len(blocked["attempts"]) == 24
+
     code = (
         "import json, sys, numpy as np\n"
+        + BLOCK_DECODING +
         "from client.data import dicom\n"
         f"s = dicom.load_radiology_site({str(tmp_path / 'site')!r}, 'Aalborg', image_size=32, cache_dir={str(cache)!r})\n"
         f"np.savez({str(tmp_path / 'again.npz')!r}, train=s.train.images, test=s.test.images, y=s.test.labels)\n"
-        "print(json.dumps({'decoded': s.decoded, 'count': dicom.DECODE_COUNT, 'skipped': s.skipped,"
+        "print(json.dumps({'decoded': s.decoded, 'count': len(attempts), 'skipped': s.skipped,"
         " 'fingerprint': s.fingerprint}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     again = json.loads(done.stdout.strip().splitlines()[-1])
     assert again == {"decoded": 0, "count": 0, "skipped": first.skipped, "fingerprint": first.fingerprint}
+    assert _entries(cache) == entries  # nothing written again, nothing added
     arrays = np.load(tmp_path / "again.npz")
     np.testing.assert_array_equal(arrays["train"], first.train.images)
     np.testing.assert_array_equal(arrays["test"], first.test.images)

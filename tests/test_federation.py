@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from client.data import demo
 from client.data.tabular import load_cohort
-from models.oncology import concordance_index, cox_partial_nll
+from models.metrics import concordance_index
+from models.oncology import cox_partial_nll
 from models.builders import build_model, model_hash
 from server import runner
 from server.summary import find_summary, summary_from_log

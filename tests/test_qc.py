@@ -1,4 +1,6 @@
-"""Validation figures on the node, acceptance criteria and drift: the arithmetic, without a federation."""
+"""Validation figures on the node, acceptance criteria and drift: the arithmetic, without a federation.
+
+The metrics and their bootstrap are tests/test_metrics.py's."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import bootstrap
-from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from client import validation as qc
 from models import metrics, wire
@@ -24,38 +24,6 @@ def _binary(n=300, groups=None):
     score = np.clip(0.35 + 0.3 * y + RNG.normal(0, 0.2, n), 0, 1)
     score[:15] = 0.5  # ties
     return metrics.Predictions("referral", score, y, groups=groups)
-
-
-def test_fast_metrics_equal_scikit_learn():
-    pred = _binary()
-    assert metrics.auc(pred.score, pred.y) == pytest.approx(roc_auc_score(pred.y, pred.score), abs=1e-12)
-    y = RNG.integers(0, 5, 200)
-    prob = RNG.dirichlet(np.ones(5), 200)
-    assert metrics.quadratic_kappa(prob.argmax(1), y, 5) == pytest.approx(
-        cohen_kappa_score(y, prob.argmax(1), weights="quadratic", labels=list(range(5))), abs=1e-12)
-    functions = metrics.metric_functions("kl-grade", 0.5)
-    macro = np.mean([roc_auc_score(y == c, prob[:, c]) for c in range(5)])
-    assert functions["auc"](metrics.Predictions("kl-grade", prob, y)) == pytest.approx(macro, abs=1e-12)
-    binary = metrics.metric_functions("referral", 0.6)
-    assert binary["sensitivity"](pred) == pytest.approx(((pred.score >= 0.6) & (pred.y == 1)).sum() / (pred.y == 1).sum())
-    assert binary["specificity"](pred) == pytest.approx(((pred.score < 0.6) & (pred.y == 0)).sum() / (pred.y == 0).sum())
-
-
-def test_bootstrap_interval_agrees_with_scipy_percentile_bootstrap():
-    pred = _binary(400)
-    ours = metrics.estimate(pred, {"auc": metrics.metric_functions("referral", 0.5)["auc"]}, 2000, seed=3)["auc"]
-    ref = bootstrap((pred.score, pred.y), lambda s, y: roc_auc_score(y, s), paired=True, vectorized=False,
-                    n_resamples=2000, method="percentile", random_state=5).confidence_interval
-    assert ours["low"] < ours["value"] < ours["high"]
-    assert ours["low"] == pytest.approx(ref.low, abs=0.012) and ours["high"] == pytest.approx(ref.high, abs=0.012)
-
-
-def test_patient_bootstrap_draws_whole_patients():
-    clusters = np.repeat(np.arange(50), 2)  # every patient has both knees imaged
-    for idx in metrics.bootstrap_indices(100, clusters, 20, seed=1):
-        assert len(idx) == 100
-        drawn = clusters[idx]
-        assert all(np.sum(drawn == p) % 2 == 0 for p in np.unique(drawn))
 
 
 def test_small_groups_are_suppressed_and_no_count_can_be_recovered():

@@ -87,8 +87,6 @@ INVALID_LABEL = "invalid label"
 UNREADABLE = "unreadable pixel data"
 DUPLICATE = "duplicate"
 
-DECODE_COUNT = 0  # pixel decodes in this process, so that tests can prove the cache spares them
-
 
 class Skip(Exception):
     """A file the site cannot use; ``reason`` is one of the fixed skip reasons, safe to count and show."""
@@ -278,8 +276,6 @@ def _plugins(missing: list[str]) -> str:
 
 
 def _pixels(ds: Dataset, image_size: int) -> np.ndarray:
-    global DECODE_COUNT
-    DECODE_COUNT += 1
     try:
         with warnings.catch_warnings(action="ignore"):  # pydicom logs its notes as well
             values, spacing = _display_values(ds), _spacing(ds)
@@ -443,14 +439,14 @@ class _Scan:
 def _scan(folder: Path, site: str, image_size: int, cache_dir: str | Path | None) -> _Scan:
     labels = _read_labels(folder, site)
     cache = _Cache(Path(cache_dir) if cache_dir else fedhosp_home() / "cache" / "radiology")
-    started = DECODE_COUNT
+    decoded: list[str] = []  # the files whose pixels this scan decoded (missed the cache)
     images: list[_Image] = []
     skipped: Counter[str] = Counter()
     matched: set[str] = set()
     used_uids: set[str] = set()
     for path in _candidates(folder, cache.root):
         try:
-            images.append(_load(path, folder, labels, matched, used_uids, image_size, cache))
+            images.append(_load(path, folder, labels, matched, used_uids, image_size, cache, decoded))
         except Skip as skip:
             log.debug("site %s: skipped %s (%s)", site, path, skip.reason)
             skipped[skip.reason] += 1
@@ -461,7 +457,7 @@ def _scan(folder: Path, site: str, image_size: int, cache_dir: str | Path | None
     for sha in sorted(image.sha for image in images):
         digest.update(bytes.fromhex(sha))
     digest.update(labels.raw)
-    return _Scan(images, dict(skipped), unmatched, labels.has_split, digest.hexdigest(), DECODE_COUNT - started)
+    return _Scan(images, dict(skipped), unmatched, labels.has_split, digest.hexdigest(), len(decoded))
 
 
 def _candidates(folder: Path, cache_root: Path) -> list[Path]:
@@ -472,7 +468,7 @@ def _candidates(folder: Path, cache_root: Path) -> list[Path]:
 
 
 def _load(path: Path, folder: Path, labels: _Labels, matched: set[str], used_uids: set[str],
-          image_size: int, cache: _Cache) -> _Image:
+          image_size: int, cache: _Cache, decoded: list[str]) -> _Image:
     data = _read_bytes(path)
     sha = hashlib.sha256(data).hexdigest()
     header, ds = _header(data, sha, cache)
@@ -487,7 +483,9 @@ def _load(path: Path, folder: Path, labels: _Labels, matched: set[str], used_uid
         raise Skip(DUPLICATE)
     pixels = cache.image(sha, image_size)
     if pixels is None:
-        pixels = _decode(ds or _open(data), sha, image_size, cache)
+        ds = ds or _open(data)
+        decoded.append(sha)
+        pixels = _decode(ds, sha, image_size, cache)
     used_uids.add(header.uid)
     return _Image(sha, row.grade, row.split, row.patient or header.patient or f"image:{sha}", header.vendor, pixels,
                   header.sex, header.age)
