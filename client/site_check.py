@@ -1,6 +1,7 @@
-"""``fedhosp site check DIR``: what a node would use from its site folder, before it joins a federation.
+"""``fedhosp site``: the hospital's commands. ``check DIR`` shows what a node would use from its site folder,
+before it joins a federation; ``node-key DIR`` makes the node's key pair; ``budget`` shows its privacy budget.
 
-It runs on the node and prints locally: hospital IT sees how many images or
+The check runs on the node and prints locally: hospital IT sees how many images or
 patients are usable, what was skipped and why, the class balance and a data
 fingerprint (a SHA-256 over the data's content, never names or identifiers) to
 tell later whether the data changed. A radiology check fills the node's image
@@ -33,7 +34,7 @@ class Task(str, Enum):
 
 @site_app.callback()
 def _group() -> None:
-    """Check a hospital's site folder before it joins a federation."""
+    """A hospital's commands: check its site folder, make its node key, read its privacy budget."""
 
 
 @site_app.command()
@@ -109,6 +110,18 @@ def budget(
     elif len(found) > 1:  # a patient in every export is bounded by the sum (basic composition)
         console.print(f"all data sets together: ε ≤ {total:.3f} at δ ≤ {delta * len(found):g} for a patient "
                       "present in every one of them")
+
+
+@site_app.command("node-key")
+def node_key(
+    folder: Annotated[Path, typer.Argument(help="Where to write node_key (private, 0600) and node_key.pub.")],
+) -> None:
+    """The node's SuperNode key pair (EC P-384, OpenSSH): keep node_key, send node_key.pub to the coordinator."""
+    from client.credentials import make_node_key
+
+    private, public = make_node_key(folder, "node_key")
+    Console().out(f"private key (keep on the node): {private}\npublic key (send to the coordinator): {public}",
+                  highlight=False)
 
 
 def _problem(console: Console, text: str) -> None:

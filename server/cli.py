@@ -1,4 +1,5 @@
-"""``fedhosp``: the project's one command line (run the demo federation, write demo data)."""
+"""``fedhosp``: the project's one command line (run the demo federation, write demo data; ``fedhosp site ...``
+for hospitals, ``fedhosp audit ...`` for auditors)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from client.site_check import site_app
 from server.audit import audit_app
 
 app = typer.Typer(help="fedhosp: federated learning for hospitals (Flower + MLflow).", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-app.add_typer(site_app, name="site", help="Check a hospital's site folder before it joins a federation.")
+app.add_typer(site_app, name="site", help="A hospital's commands: check its site folder, make its node key, read "
+                                         "its privacy budget.")
 app.add_typer(audit_app, name="audit", help="Verify, show, reconcile and export ledgers (for auditors).")
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -28,6 +31,8 @@ def run(
     app_dir: Path = typer.Option(APP_DIR, "--app", help="The Flower app folder (this project)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Stream the run's whole log instead of a progress line."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line; only the outcome."),
+    timeout: float = typer.Option(None, "--timeout", min=1, help="Seconds the run may take; past them `flwr run` "
+                                  "is stopped and the command fails (default: no limit; Ctrl-C stops it)."),
 ) -> None:
     """Run a local Flower simulation of the regions and print its outcome. Exit 0 only on success."""
     started = time.monotonic()
@@ -46,32 +51,27 @@ def run(
     try:
         with runner.local_superlink(env):
             with RunProgress(console, verbose, quiet, started) as shown:
-                outcome = runner.flwr_run(app_dir, env, overrides, sites, echo=shown)
+                outcome = runner.flwr_run(app_dir, env, overrides, sites, echo=shown, timeout=timeout)
             code = _report(outcome, env, uri, verbose)  # before the SuperLink's graceful stop (seconds)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: the local SuperLink was stopped")
         raise typer.Exit(130)
+    except runner.RunTimeout as exc:
+        console.print(Text.assemble(("timed out", "red bold"), f": {exc}; the local SuperLink was stopped"))
+        raise typer.Exit(1)
     if code:
         raise typer.Exit(code)
 
 
 def _report(outcome, env: dict[str, str], uri: str, verbose: bool) -> int:
     """Print the run's outcome; the exit code: 0, 1 (did not complete), 3 (a validation's model failed)."""
-    from server import runner
-    from server.progress import relevant_lines
     from server.summary import find_summary, print_summary, summary_from_log
 
     log_file = Path(env["FEDHOSP_HOME"]) / "logs" / f"run-{outcome.run_id}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_text(outcome.log, encoding="utf-8")
     if not outcome.ok:
-        console.print(f"[red bold]Run {outcome.run_id} did not complete[/]: status {outcome.status}")
-        reason = runner.failure_reason(outcome.log)
-        if reason:
-            console.print(f"[red]{reason}[/]")
-        if not verbose:
-            for line in relevant_lines(outcome.log):
-                console.out(f"  | {line}", highlight=False)
+        _failure(outcome, shown_log=verbose)
         console.print(f"The run's whole log: {log_file}")
         return 1
     summary = summary_from_log(outcome.log, outcome.run_id) or find_summary(uri, outcome.run_id)
@@ -80,6 +80,19 @@ def _report(outcome, env: dict[str, str], uri: str, verbose: bool) -> int:
         return 1
     print_summary(summary, console)
     return 3 if summary.get("verdict") == "FAIL" else 0  # a validation completed, and the model did not pass
+
+
+def _failure(outcome, shown_log: bool) -> None:
+    """A run that did not complete: its status and the reason the coordinator recorded in its ledger; without
+    one (the app failed before it could say), the log lines that matter, unless the whole log was just shown."""
+    from server.progress import relevant_lines
+
+    console.print(Text.assemble((f"Run {outcome.run_id} did not complete", "red bold"), f": status {outcome.status}"))
+    if outcome.reason:
+        console.print(Text(outcome.reason, style="red"))
+    elif not shown_log:
+        for line in relevant_lines(outcome.log) or outcome.log.strip().splitlines()[-10:]:
+            console.out(f"  | {line}", highlight=False)
 
 
 @app.command("demo-data")
@@ -121,23 +134,14 @@ def demo_data(
         console.print(f"wrote {folder}" + (f" (shift {amount:g})" if amount else ""))
 
 
-@app.command("node-key")
-def node_key(
-    folder: Path = typer.Argument(..., help="Where to write node_key (private, 0600) and node_key.pub."),
-) -> None:
-    """A hospital's SuperNode key pair (EC P-384, OpenSSH): keep node_key, send node_key.pub to the coordinator."""
-    from server.credentials import make_node_key
-
-    private, public = make_node_key(folder, "node_key")
-    console.print(f"private key (keep on the node): {private}\npublic key (send to the coordinator): {public}")
-
-
 @app.command("deploy-local")
 def deploy_local_cmd(
     sites: int = typer.Option(3, "--sites", "-n", help="Hospitals (demo regions) to start."),
     rounds: int = typer.Option(3, "--rounds"),
     task: str = typer.Option("oncology", "--task"),
     workdir: Path = typer.Option(None, "--workdir", help="Default: $FEDHOSP_HOME/deploy-local."),
+    timeout: float = typer.Option(None, "--timeout", min=1, help="Seconds the run may take; past them every process "
+                                  "is stopped and the command fails (default: no limit; Ctrl-C stops it)."),
 ) -> None:
     """Coordinator + one SuperNode per hospital on 127.0.0.1 with TLS and node auth; run; stop everything."""
     from client.data import demo, radiology_demo
@@ -156,21 +160,21 @@ def deploy_local_cmd(
         with deploy.deploy_local(workdir, names, dict(zip(names, dirs))) as d:
             console.print(f"[bold]deploy-local[/]: SuperLink https://127.0.0.1:{d.superlink_port} (TLS, node auth), "
                           f"MLflow {d.mlflow_uri}, {len(names)} SuperNodes; logs in {workdir / 'logs'}")
-            outcome = deploy.run_on(d, APP_DIR, {"task": task, "num-server-rounds": rounds}, echo=console.out)
+            outcome = deploy.run_on(d, APP_DIR, {"task": task, "num-server-rounds": rounds}, echo=console.out,
+                                    timeout=timeout)
             summary = find_summary(d.mlflow_uri, outcome.run_id) if outcome.ok else None
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: every process was stopped")
         raise typer.Exit(130)
+    except runner.RunTimeout as exc:
+        console.print(Text.assemble(("timed out", "red bold"), f": {exc}; every process was stopped"))
+        raise typer.Exit(1)
     if not outcome.ok:
-        console.print(f"[red bold]Run {outcome.run_id} did not complete[/]: status {outcome.status}")
-        console.print(runner.failure_reason(outcome.log))
+        _failure(outcome, shown_log=True)  # echoed line by line above
+        console.print(f"The logs of every process: {workdir / 'logs'}")
         raise typer.Exit(1)
     print_summary(summary, console)
     console.print("(the MLflow server was stopped with the deployment; its PostgreSQL database and artifacts remain)")
-
-
-def main() -> None:  # pragma: no cover
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,15 +1,14 @@
-"""Throwaway TLS and node credentials for a local deployment, and a hospital's node key pair.
+"""Throwaway TLS credentials for a local deployment: a CA and the SuperLink's certificate.
 
 Production coordinators use certificates from their own CA; ``make deploy-local``
-and the tests use these. Node keys are EC P-384 in OpenSSH format, which is what
-Flower's SuperNode authentication reads (``flwr supernode register KEY.pub``).
+and the tests use these. A hospital's node key pair is made on the hospital's
+side: ``client/credentials.py`` (``fedhosp site node-key``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -17,13 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path
+from client.credentials import write_file as _write
 
 
 def _pem_key(key) -> bytes:
@@ -63,12 +56,3 @@ def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "
         "key": _write(folder / "server.key", _pem_key(key), private=True),
     }
 
-
-def make_node_key(folder: Path, name: str = "node") -> tuple[Path, Path]:
-    """A hospital's SuperNode key pair: keep ``name`` (0600) on the node, send ``name.pub`` to the coordinator."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = _write(Path(folder) / name, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), private=True)
-    public = _write(Path(folder) / f"{name}.pub", key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    return private, public

@@ -1,8 +1,8 @@
 """``make deploy-local``: Flower's distributed runtime on 127.0.0.1, as a coordinator and hospitals run it.
 
 Real processes, no containers: a throwaway CA and certificates, one key pair per
-hospital, an MLflow tracking server on PostgreSQL (SQLite only where no
-PostgreSQL answers), a SuperLink with TLS and SuperNode authentication, every
+hospital, an MLflow tracking server on PostgreSQL (SQLite only where nothing
+listens on PostgreSQL's address), a SuperLink with TLS and SuperNode authentication, every
 site's public key registered, one SuperNode per site reading only its own
 ``data-dir``, then ``flwr run``. Every process started here is stopped on the
 way out, also on failure or Ctrl-C. The flags are the ones in ``compose/``.
@@ -11,21 +11,20 @@ way out, also on failure or Ctrl-C. The flags are the ones in ``compose/``.
 from __future__ import annotations
 
 import hashlib
-
+import logging
 import socket
-import ssl
 import subprocess
-import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.error import URLError
-from urllib.request import urlopen
+from urllib.parse import urlsplit
 
+from client.credentials import make_node_key
 from server import runner
-from server.credentials import make_node_key, make_tls
+from server.credentials import make_tls
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+logger = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -63,43 +62,65 @@ def drop_database(backend: str) -> None:
     if not backend.startswith("postgresql"):
         return
     import psycopg2
+    from psycopg2 import sql
 
-    database = backend.rsplit("/", 1)[1]
-    conn = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=3)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    conn.close()
-
-
-def mlflow_backend(workdir: Path, database: str = "fedhosp_mlflow") -> str:
-    """The PostgreSQL on 127.0.0.1:5432 with a database of our own; SQLite where none answers."""
+    server, database = backend.replace("+psycopg2", "", 1).rsplit("/", 1)
+    conn = psycopg2.connect(f"{server}/postgres", connect_timeout=3)
     try:
-        import psycopg2
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+    finally:
+        conn.close()
 
-        conn = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=3)
+
+def listening(server: str, timeout: float = 3.0) -> bool:
+    """Whether anything accepts a TCP connection at ``server``'s (a PostgreSQL URL's) host and port."""
+    parts = urlsplit(server)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=timeout):
+            return True
+    except OSError:  # refused, unreachable, no answer
+        return False
+
+
+def mlflow_backend(workdir: Path, database: str = "fedhosp_mlflow", server: str = POSTGRES) -> str:
+    """The PostgreSQL at ``server`` with a database of our own; SQLite only where nothing listens there.
+
+    Only an unreachable server falls back (and says so); a PostgreSQL that answers and refuses (its
+    authentication, a permission) is an error to fix, not a reason to track somewhere else.
+    """
+    if not listening(server):
+        store = workdir / "mlflow.db"
+        logger.warning("no PostgreSQL listens at %s; MLflow tracks to SQLite (%s)", urlsplit(server).netloc, store)
+        return f"sqlite:///{store}"
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(f"{server}/postgres", connect_timeout=3)
+    try:
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
             if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{database}"')
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    finally:
         conn.close()
-        return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
-    except Exception as exc:  # no server, no driver, no permission
-        print(f"PostgreSQL not available ({type(exc).__name__}); MLflow falls back to SQLite")
-        return f"sqlite:///{workdir / 'mlflow.db'}"
+    return f"{server.replace('postgresql://', 'postgresql+psycopg2://', 1)}/{database}"
 
 
 @dataclass
 class Processes:
-    """Every process this deployment started, stopped together (with their descendants)."""
+    """Every process this deployment started, stopped together (with everything below them)."""
 
     started: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     def start(self, name: str, command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+        """``command`` in a session of its own, its output appended to ``log`` (the process holds the only
+        handle on it: this one is closed as soon as the process has its copy)."""
         log.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(command, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append((name, proc))
         return proc
 
@@ -108,41 +129,14 @@ class Processes:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=max(1, len(self.started))) as pool:
-            list(pool.map(lambda entry: runner.stop_process_group(entry[1], grace=5.0), reversed(self.started)))
+            list(pool.map(lambda entry: runner.stop_process_tree(entry[1], grace=5.0), reversed(self.started)))
         self.started.clear()
 
 
-def wait_until(check, what: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while not check():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode}" + (f"; see {log}" if log else ""))
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready within {timeout:.0f}s" + (f"; see {log}" if log else ""))
-        time.sleep(0.3)
-
-
-def _https_ok(url: str, ca: Path) -> bool:
-    try:
-        with urlopen(url, timeout=1, context=ssl.create_default_context(cafile=str(ca))) as response:
-            return response.status == 200
-    except (URLError, OSError):
-        return False
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except (URLError, OSError):
-        return False
-
-
 def write_connection(flwr_home: Path, name: str, port: int, ca: Path) -> str:
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{ca}"\n', encoding="utf-8")
+    """``$FLWR_HOME/config.toml`` with one connection, the default: the deployment's SuperLink over TLS."""
+    runner.write_toml(flwr_home / "config.toml", {"superlink": {
+        "default": name, name: {"address": f"127.0.0.1:{port}", "root-certificates": str(ca)}}})
     return name
 
 
@@ -199,7 +193,8 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
         log_sl = workdir / "logs" / "superlink.log"
         sl = processes.start("superlink", superlink_command(certs, port, workdir / "superlink" / "state.db"),
                              coordinator, log_sl)
-        wait_until(lambda: _https_ok(f"https://127.0.0.1:{port}/health", certs / "ca.crt"), "SuperLink", 60, sl, log_sl)
+        runner.wait_until(lambda: runner.http_ok(f"https://127.0.0.1:{port}/health", certs / "ca.crt"), "SuperLink",
+                          60, sl, log_sl)
         connection = write_connection(Path(coordinator["FLWR_HOME"]), f"deploy-{port}", port, certs / "ca.crt")
         # --- hospitals: each makes a key pair and hands the coordinator only the public key ----
         for site in sites:
@@ -211,19 +206,22 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
                     raise RuntimeError(f"registering {site} failed: {out.stdout[-500:]}{out.stderr[-500:]}")
         for site in sites:
             home = workdir / "sites" / site
-            config = f"site-name='{site}' data-dir='{site_dirs[site]}' ledger-dir='{home / 'ledger'}'"
+            config = {"site-name": site, "data-dir": str(site_dirs[site]), "ledger-dir": str(home / "ledger")}
             if policies and site in policies:
-                config += f" policy='{policies[site]}'"
+                config["policy"] = str(policies[site])
             processes.start(f"supernode-{site}", supernode_command(
-                certs / "ca.crt", f"127.0.0.1:{port}", home / "keys" / "node_key", config, free_port()),
+                certs / "ca.crt", f"127.0.0.1:{port}", home / "keys" / "node_key", runner.config_arg(config),
+                free_port()),
                 site_env(base, home), workdir / "logs" / f"supernode-{site}.log")
         if mlflow_server:
-            wait_until(lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"), "MLflow server", 120, proc, log)
+            runner.wait_until(lambda: runner.http_ok(f"http://127.0.0.1:{mlflow_port}/health"), "MLflow server", 120,
+                              proc, log)
         yield Deployment(workdir, sites, port, f"http://127.0.0.1:{mlflow_port}" if mlflow_server else backend,
                          backend, coordinator, connection, processes, certs)
 
 
-def run_on(deployment: Deployment, app_dir: Path, run_config: dict, echo=None, timeout: float = 1800) -> runner.RunOutcome:
+def run_on(deployment: Deployment, app_dir: Path, run_config: dict, echo=None,
+           timeout: float | None = 1800) -> runner.RunOutcome:
     """``flwr run`` against the deployment's SuperLink, waiting for the run's real status."""
     config = {"mlflow-uri": deployment.mlflow_uri, "min-nodes": len(deployment.sites), **run_config}
     command = ["flwr", "run", str(app_dir), deployment.connection, "--stream",

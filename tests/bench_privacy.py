@@ -66,7 +66,7 @@ def run(env: dict, uri: str, overrides: dict, sites: int) -> dict:
     outcome = runner.flwr_run(APP_DIR, env, overrides, sites)
     summary = find_summary(uri, outcome.run_id) if outcome.ok else None
     if summary is None:
-        reason = runner.failure_reason(outcome.log) or (outcome.log.strip().splitlines() or ["no log"])[-1]
+        reason = outcome.reason or (outcome.log.strip().splitlines() or ["no log"])[-1]
         return {"error": f"{outcome.status}: {reason}", "seconds": time.perf_counter() - started}
     epsilons = [p["epsilon"] for p in (summary.get("privacy") or {}).values()]
     return {"auc": summary["aggregate"].get("auc", float("nan")), "epsilon": max(epsilons) if epsilons else math.inf,

@@ -201,7 +201,7 @@ def federated_run(env: dict[str, str], uri: str, root: Path, test_sizes: dict[st
     if summary is None:
         console.print(f"[red]{strategy}: run {outcome.run_id} ended {outcome.status}[/]; last lines of its log:")
         console.out("\n".join(outcome.log.strip().splitlines()[-25:]), highlight=False)
-        reason = runner.failure_reason(outcome.log) or (outcome.log.strip().splitlines() or ["no log"])[-1]
+        reason = outcome.reason or (outcome.log.strip().splitlines() or ["no log"])[-1]
         failed.error = f"{outcome.status}: {reason}"
         return failed
     seen = {s: summary["sites"].get(s, {}).get("num_test") for s in sites}

@@ -221,7 +221,7 @@ def federated_run(spec: Spec, app: Path, env: dict[str, str], uri: str, roots: d
     result.aggregated, result.model_changed, ledger_reason = _ledger_facts(Path(env["FEDHOSP_HOME"]), outcome.run_id)
 
     if not outcome.ok:
-        reason = (runner.failure_reason(outcome.log) or error_tag or ledger_reason
+        reason = (outcome.reason or error_tag or ledger_reason
                   or (outcome.log.strip().splitlines() or ["no log"])[-1])
         result.error = reason.strip().splitlines()[0][:300]
         console.print(f"[red]{spec.label}: run {outcome.run_id} ended {outcome.status}[/]; last lines of its log:")

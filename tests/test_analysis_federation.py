@@ -251,7 +251,7 @@ def test_an_unknown_column_fails_the_analysis_naming_every_site_and_the_column(s
               "mlflow-uri": mlflow_uri}
     outcome = runner.flwr_run(APP_DIR, superlink, config, num_supernodes=3)
     assert not outcome.ok
-    reason = runner.failure_reason(outcome.log)
+    reason = outcome.reason  # from the coordinator's ledger (its run-failed event)
     assert reason.startswith("analysis check failed:"), reason
     for site in LARGE[:3]:
         assert f"site {site}: cohort.csv has no column 'kras' (named as subgroup)" in reason

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from client.data import demo
 from models.ledger import read_records
 from server import runner
-from server.credentials import make_node_key, make_tls
+from client.credentials import make_node_key
+from server.credentials import make_tls
 from server.deploy import (deploy_local, drop_database, free_port, run_on, site_env, superlink_command,
                            supernode_command)
 from tests.conftest import APP_DIR, TRAIN_MESSAGE
@@ -78,7 +79,7 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
         # run is FAILED (a sum without that site would be a wrong answer), and Syddanmark's refusal is no failure
         analysis = run_on(d, APP_DIR, {"mode": "analyse", "covariates": "age,stage,ecog", "subgroups": "mutation"})
         assert not analysis.ok
-        reason = runner.failure_reason(analysis.log)
+        reason = analysis.reason  # from the coordinator's ledger (its run-failed event)
         assert reason.startswith("site Midtjylland failed during the Cox fit (iteration 3): site Midtjylland: policy "
                                  "refuses more than 2 Newton iterations"), reason
         [failed] = client.search_runs([client.get_experiment_by_name("fedhosp").experiment_id],
@@ -257,7 +258,7 @@ def test_a_site_privacy_budget_stops_its_dp_training_mid_run_and_still_holds_aft
         assert f"site {capped}: its privacy budget carries 1 of the 2 rounds" in first.log  # told before round 1
         # the node goes down and comes back (hospital IT restarts it): its budget is on its disk, not in memory
         name, proc = next((n, p) for n, p in d.processes.started if n == f"supernode-{capped}")
-        runner.stop_process_group(proc, grace=10.0)
+        runner.stop_process_tree(proc, grace=10.0)
         home = d.workdir / "sites" / capped
         log = d.workdir / "logs" / f"{name}-restarted.log"
         node = d.processes.start(name, proc.args, site_env(d.env, home), log)

@@ -97,7 +97,8 @@ def test_bad_site_data_fails_the_run_with_a_clear_error_and_no_finished_mlflow_r
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "did not complete[/]" not in done.stdout and "status finished:failed" in done.stdout
     log_file = Path(done.stdout.rsplit("The run's whole log: ", 1)[1].split()[0])
-    reason = runner.failure_reason(log_file.read_text(encoding="utf-8"))
+    run_id = int(log_file.stem.removeprefix("run-"))
+    reason = runner.ledger_failure(Path(superlink["FEDHOSP_HOME"]), run_id)  # the coordinator's run-failed event
     assert reason.startswith("site check failed:") and all(e in reason for e in expected)  # every site's problem
     assert "Traceback" not in reason and "ray::" not in reason
     printed = done.stdout.replace("\n", " ")
