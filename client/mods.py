@@ -60,8 +60,9 @@ class Visit:
         return self.site_or_error
 
     @property
-    def site_name(self) -> str:
-        return "unknown" if isinstance(self.site_or_error, Exception) else self.site_or_error.name
+    def site_name(self) -> str | None:
+        """The site's name, or None when the node config does not say which site this is."""
+        return None if isinstance(self.site_or_error, Exception) else self.site_or_error.name
 
     @functools.cached_property
     def policy(self) -> SitePolicy:
@@ -77,6 +78,11 @@ class Visit:
         return self.msg.metadata.message_type.replace(".", "-")
 
     @property
+    def handler(self) -> str:
+        """The handler's name as an error line names it (``train``, ``validate``, ``analyse``, ...)."""
+        return self.msg.metadata.message_type.split(".")[-1]
+
+    @property
     def validating(self) -> bool:
         """The coordinator is only testing a model here (a validation, or a cross-site run's describe/evaluate)."""
         kind = self.msg.metadata.message_type
@@ -87,7 +93,7 @@ class Visit:
         """Node config ``ledger-dir``; the default is ``$FEDHOSP_HOME/site-ledgers/<site>``. The privacy budget
         lives there too (``privacy/``)."""
         folder = self.context.node_config.get("ledger-dir")
-        return Path(str(folder)) if folder else fedhosp_home() / "site-ledgers" / self.site_name
+        return Path(str(folder)) if folder else fedhosp_home() / "site-ledgers" / (self.site_name or "unknown")
 
 
 _VISIT: contextvars.ContextVar[Visit] = contextvars.ContextVar("fedhosp_visit")
@@ -143,7 +149,7 @@ def error_boundary_mod(msg: Message, context: Context, call_next) -> Message:
     token = None
     try:
         current = resolve_visit(msg, context)
-        site = current.site_name
+        site = current.site_name or "unknown"
         token = _VISIT.set(current)
         return call_next(msg, context)
     except PolicyRefusal as exc:
@@ -160,7 +166,7 @@ def error_boundary_mod(msg: Message, context: Context, call_next) -> Message:
 def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
     """Record in the site's own signed ledger what this node received, sent, refused or failed."""
     current = visit()
-    site = None if isinstance(current.site_or_error, Exception) else current.site_or_error.name
+    site = current.site_name
     ledger = site_ledger(current)
     config = dict(current.config)
     entry = {"run_id": context.run_id, "site": site, "round": config.get("server-round"), "received": {"config": config}}
@@ -177,7 +183,7 @@ def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
     except Exception as exc:  # recorded with the text the boundary lets leave the node
         refused = {"refused": exc.rule} if isinstance(exc, PolicyRefusal) else {}
         ledger.append(f"{current.kind}-failed",
-                      {**entry, "reason": safe_reason(exc, current.site_name, msg.metadata.message_type.split(".")[-1]),
+                      {**entry, "reason": safe_reason(exc, site or "unknown", current.handler),
                        **refused})
         raise
     sent: dict = {}
@@ -201,9 +207,8 @@ def site_ledger(current: Visit) -> Ledger:
     """``<ledger-dir>/run-<id>.jsonl``, signed with ``<ledger-dir>/site_ed25519.pem`` (0600)."""
     folder = current.ledger_folder
     key = load_or_create_key(folder / "site_ed25519.pem")
-    site = None if isinstance(current.site_or_error, Exception) else current.site_or_error.name
     return Ledger(folder / f"run-{current.context.run_id}.jsonl", key,
-                  {"role": "site", "site": site, "run_id": current.context.run_id})
+                  {"role": "site", "site": current.site_name, "run_id": current.context.run_id})
 
 
 def site_policy_mod(msg: Message, context: Context, call_next) -> Message:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from models.home import fedhosp_home
 from models.ledger import Ledger, load_or_create_key
+from server.sites import FederationError
 
 
 def coordinator_key():
@@ -32,9 +33,14 @@ def open_ledger(flwr_run_id: int, path: Path | None = None) -> Ledger:
 @contextmanager
 def failure_recorded(ledger: Ledger, flwr_run_id: int):
     """Any exception inside becomes a ``run-failed`` event with its reason (what ``fedhosp run`` reports), then is
-    raised again. Inside an open MLflow run, the tracker closing as FAILED uploads the ledger with the event in it."""
+    raised again. Inside an open MLflow run, the tracker closing as FAILED uploads the ledger with the event in it.
+
+    A :class:`FederationError` explains itself (it names the sites and the fix): its message is the reason; any
+    other error is named by its type as well.
+    """
     try:
         yield
     except Exception as exc:
-        ledger.append("run-failed", {"flwr_run_id": flwr_run_id, "reason": f"{type(exc).__name__}: {exc}"})
+        reason = str(exc) if isinstance(exc, FederationError) else f"{type(exc).__name__}: {exc}"
+        ledger.append("run-failed", {"flwr_run_id": flwr_run_id, "reason": reason})
         raise

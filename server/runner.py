@@ -273,8 +273,7 @@ def ledger_failure(home: Path, run_id: int, since: float | None = None) -> str:
     """The reason the coordinator recorded when run ``run_id`` failed (its ledger's ``run-failed`` event), or "".
 
     A run's ledger is ``$FEDHOSP_HOME/ledgers/run-<id>.jsonl``; a resumed run appends to the ledger of the run it
-    continues, so the ledgers written since ``since`` (``time.time()``) are read too. The project's own
-    ``FederationError`` is a failure explained in its message, so its name is left out.
+    continues, so the ledgers written since ``since`` (``time.time()``) are read too.
     """
     from models.ledger import read_records
 
@@ -294,7 +293,7 @@ def ledger_failure(home: Path, run_id: int, since: float | None = None) -> str:
         for record in reversed(records):
             data = record.get("data") or {}
             if record.get("event") == "run-failed" and data.get("flwr_run_id") == run_id:
-                return str(data.get("reason", "")).removeprefix("FederationError: ")
+                return str(data.get("reason", ""))
     return ""
 
 

@@ -24,23 +24,13 @@ from client.tasks import OncologyTask, RadiologyTask
 from models import metrics
 from models.metrics import Predictions, concordance_index, round_metrics, sigmoid
 from models.radiology import referral_from_grade
+from tests.synthetic import binary_predictions, survival_data
 
 RNG = np.random.default_rng(7)
 
 
 def _binary(n=300, groups=None):
-    y = RNG.integers(0, 2, n)
-    score = np.clip(0.35 + 0.3 * y + RNG.normal(0, 0.2, n), 0, 1)
-    score[:15] = 0.5  # ties
-    return metrics.Predictions("referral", score, y, groups=groups)
-
-
-def _survival_data(n=300, seed=0, rounding=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 3))
-    t = np.round(rng.exponential(np.exp(-x @ [0.5, -0.3, 0.1])), rounding) + 0.1
-    e = (rng.random(n) < 0.7).astype(int)
-    return x, t, e
+    return binary_predictions(RNG, n, groups)
 
 
 def _same(a: float, b: float) -> bool:
@@ -221,7 +211,7 @@ def test_kappa_is_one_for_agreement_and_nan_when_undefined():
 
 @pytest.mark.parametrize("rounding", [3, 0])
 def test_c_index_equals_lifelines_including_tied_times_and_risks(rounding):
-    x, t, e = _survival_data(n=400, seed=5, rounding=rounding)
+    x, t, e = survival_data(n=400, seed=5, rounding=rounding)
     risk = np.round(x[:, 0], 1)  # tied risks too
     assert concordance_index(t, risk, e) == pytest.approx(lifelines_cindex(t, -risk, e), abs=1e-12)
 
@@ -246,7 +236,7 @@ def test_c_index_equals_lifelines_on_random_censored_data(seed):
 
 
 def test_c_index_in_row_blocks_equals_lifelines():
-    x, t, e = _survival_data(n=3000, seed=9)  # 4e6 // 3000 = 1333 rows a block: two blocks of events
+    x, t, e = survival_data(n=3000, seed=9)  # 4e6 // 3000 = 1333 rows a block: two blocks of events
     assert e.sum() > 1333
     assert concordance_index(t, x[:, 1], e) == pytest.approx(lifelines_cindex(t, -x[:, 1], e), abs=1e-12)
 

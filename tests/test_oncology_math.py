@@ -7,14 +7,7 @@ import torch
 from lifelines import CoxPHFitter
 
 from models.oncology import TabularNet, cox_partial_nll
-
-
-def _survival_data(n=300, seed=0, rounding=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 3))
-    t = np.round(rng.exponential(np.exp(-x @ [0.5, -0.3, 0.1])), rounding) + 0.1
-    e = (rng.random(n) < 0.7).astype(int)
-    return x, t, e
+from tests.synthetic import survival_data
 
 
 def _lifelines_fit(x, t, e):
@@ -24,7 +17,7 @@ def _lifelines_fit(x, t, e):
 
 
 def test_efron_loss_equals_lifelines_log_likelihood_with_ties():
-    x, t, e = _survival_data()
+    x, t, e = survival_data()
     assert len(np.unique(t)) < len(t) / 3  # heavily tied
     fit = _lifelines_fit(x, t, e)
     risk = torch.tensor(x) @ torch.tensor(fit.params_.values)
@@ -33,7 +26,7 @@ def test_efron_loss_equals_lifelines_log_likelihood_with_ties():
 
 
 def test_breslow_loss_matches_the_textbook_formula():
-    x, t, e = _survival_data(n=60, seed=3)
+    x, t, e = survival_data(n=60, seed=3)
     risk = torch.tensor(x @ [0.2, 0.1, -0.4])
     expected = 0.0
     for i in np.flatnonzero(e):
@@ -43,7 +36,7 @@ def test_breslow_loss_matches_the_textbook_formula():
 
 
 def test_loss_is_finite_for_extreme_risks_and_mean_divides_by_events():
-    x, t, e = _survival_data(n=50, seed=1)
+    x, t, e = survival_data(n=50, seed=1)
     risk = torch.tensor(x[:, 0] * 800.0)  # exp() would overflow without the shift
     total = cox_partial_nll(risk, torch.tensor(t), torch.tensor(e), reduction="sum")
     mean = cox_partial_nll(risk, torch.tensor(t), torch.tensor(e))
@@ -59,7 +52,7 @@ def test_batch_without_events_gives_zero_loss_and_zero_gradient():
 
 
 def test_fitting_the_linear_cox_model_recovers_lifelines_coefficients():
-    x, t, e = _survival_data(n=400, seed=2)
+    x, t, e = survival_data(n=400, seed=2)
     fit = _lifelines_fit(x, t, e)
     model = TabularNet(3, "linear").double()
     opt = torch.optim.LBFGS(model.parameters(), max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")

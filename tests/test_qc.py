@@ -15,15 +15,13 @@ from models import metrics, wire
 from client.data.dicom import load_radiology_site
 from client.data.radiology_demo import radiology_regions, write_radiology_site
 from server import criteria as acceptance
+from tests.synthetic import binary_predictions
 
 RNG = np.random.default_rng(7)
 
 
 def _binary(n=300, groups=None):
-    y = RNG.integers(0, 2, n)
-    score = np.clip(0.35 + 0.3 * y + RNG.normal(0, 0.2, n), 0, 1)
-    score[:15] = 0.5  # ties
-    return metrics.Predictions("referral", score, y, groups=groups)
+    return binary_predictions(RNG, n, groups)
 
 
 def test_small_groups_are_suppressed_and_no_count_can_be_recovered():

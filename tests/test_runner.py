@@ -174,11 +174,11 @@ def _ledger(home: Path, name: str, *events: tuple[str, dict]) -> Path:
 
 def test_the_failure_reason_is_the_run_failed_event_of_the_coordinators_ledger(tmp_path):
     home = tmp_path / "home"
-    reason = "FederationError: analysis check failed:\n  - site A: cohort.csv has no column 'kras'"
+    reason = "analysis check failed:\n  - site A: cohort.csv has no column 'kras'"  # as failure_recorded writes it
     _ledger(home, "41", ("run-start", {"sites": ["A"]}), ("run-failed", {"flwr_run_id": 41, "reason": reason}))
     assert runner.ledger_failure(home, 41) == "analysis check failed:\n  - site A: cohort.csv has no column 'kras'"
     _ledger(home, "43", ("run-failed", {"flwr_run_id": 43, "reason": "ValueError: lr must be positive"}))
-    assert runner.ledger_failure(home, 43) == "ValueError: lr must be positive"  # not our own kind: named
+    assert runner.ledger_failure(home, 43) == "ValueError: lr must be positive"
     # a resumed run (42) appends to the ledger of the run it continues (40)
     since = time.time() - 1
     _ledger(home, "40", ("run-failed", {"flwr_run_id": 40, "reason": "first"}),

@@ -98,3 +98,21 @@ def test_empty_model_lr_and_batch_size_take_the_tasks_defaults():
     assert RunSettings.from_run_config({"task": "radiology", "lr": 0.1}).lr == 0.1
     with pytest.raises(ValueError, match="model='linear' for radiology"):
         RunSettings.from_run_config({"task": "radiology", "model": "linear"})
+
+
+def test_a_failed_run_is_recorded_once_with_its_reason_and_raised_again(tmp_path, monkeypatch):
+    """A FederationError explains itself; any other error is named by its type too."""
+    from models.ledger import read_records
+    from server.ledgers import failure_recorded, open_ledger
+    from server.sites import FederationError
+
+    monkeypatch.setenv("FEDHOSP_HOME", str(tmp_path))
+    ledger = open_ledger(7)
+    with pytest.raises(FederationError):
+        with failure_recorded(ledger, 7):
+            raise FederationError("site check failed:\n  - site A: no cohort.csv")
+    with pytest.raises(ZeroDivisionError):
+        with failure_recorded(ledger, 7):
+            1 / 0
+    reasons = [r["data"]["reason"] for r in read_records(ledger.path) if r["event"] == "run-failed"]
+    assert reasons == ["site check failed:\n  - site A: no cohort.csv", "ZeroDivisionError: division by zero"]
