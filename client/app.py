@@ -16,6 +16,7 @@ import time
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure_update
 from client import validation as site_validation
 from client.data.tabular import cohort_fingerprint
 from client.mods import FINGERPRINT, MODS, Visit, visit
@@ -64,12 +65,24 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train on this site's data from the global model; reply with the weights, or, in a secure round's
+    masked-vector stage, with the bounded update that Flower's SecAgg+ mod masks (client/secure_update.py)."""
+    import torch
+
     from client.train import TrainSettings  # torch: imported by the messages that compute only
 
     current = visit()
     task, site = current.task, current.site
     data = _open(current)
-    cfg = msg.content["config"]
+    secure = None
+    if secure_update.FITINS_ARRAYS in msg.content.array_records:
+        context.state.config_records.pop(secure_update.SENT, None)
+        secure = secure_update.instruction(msg, list(task.build(data).state_dict()))
+        cfg = secure.config
+        global_state = {k: torch.from_numpy(v.copy()) for k, v in secure.arrays.items()}
+    else:
+        cfg = msg.content["config"]
+        global_state = None
     server_round = int(cfg["server-round"])
     budget = _budget(current, data, cfg, server_round)  # a site with a budget trains only with dp
     if cfg.get("objective") == "newton-cox":
@@ -77,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     if budget is not None:  # refuse a round the budget cannot carry, before any training
         budget.policy.check_privacy(site.name, True, server_round, budget.after(0), budget.after(1))
     model = task.build(data)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(global_state if secure is not None else msg.content["arrays"].to_torch_state_dict())
     settings = TrainSettings(
         local_epochs=int(cfg["local-epochs"]),
         local_steps=int(cfg["local-steps"]),
@@ -100,6 +113,11 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({"epsilon": budget.store.spent(budget.delta, run),
                         "epsilon_spent": budget.store.spent(budget.delta), "delta": budget.delta,
                         "max_epsilon": budget.policy.max_epsilon})
+    if secure is not None:
+        trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        update, record = secure_update.bounded_update(site.name, trained, secure)
+        secure_update.remember(context, secure, update, record)
+        return secure_update.reply(msg, update, len(data.train), metrics)
     metrics["num-examples"] = len(data.train)
     reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)

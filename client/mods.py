@@ -26,6 +26,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+from client import secure_update
 from client.policy import SitePolicy, installed_app_hash
 from client.site import Site, resolve_site
 from client.tasks import task_for
@@ -70,7 +71,8 @@ class Visit:
 
     @property
     def config(self) -> ConfigRecord | dict:
-        return self.msg.content["config"] if "config" in self.msg.content.config_records else {}
+        """The message's config (a secure round's masked-vector stage carries it in the legacy FitIns)."""
+        return secure_update.train_config(self.msg)
 
     @property
     def kind(self) -> str:
@@ -169,12 +171,16 @@ def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
     site = current.site_name
     ledger = site_ledger(current)
     config = dict(current.config)
-    entry = {"run_id": context.run_id, "site": site, "round": config.get("server-round"), "received": {"config": config}}
+    stage = secure_update.stage(msg)  # read before Flower's secaggplus_mod consumes it
+    entry = {"run_id": context.run_id, "site": site,
+             "round": config.get("server-round", int(msg.metadata.group_id) if stage else None),
+             "received": {"config": config, **({"secure_aggregation": stage} if stage else {})}}
     if "iteration" in config:
         entry["iteration"] = config["iteration"]
     if "arrays" in msg.content.array_records:
         entry["received"]["model_hash"] = model_hash({k: a.numpy() for k, a in msg.content["arrays"].items()})
-    others = {name: record for name, record in msg.content.array_records.items() if name != "arrays"}
+    others = {name: record for name, record in msg.content.array_records.items()
+              if name not in ("arrays", secure_update.FITINS_ARRAYS)}
     if others:  # a cross-site evaluation sends several models
         entry["received"]["model_hashes"] = {name: model_hash({k: a.numpy() for k, a in record.items()})
                                              for name, record in others.items()}
@@ -187,7 +193,9 @@ def site_ledger_mod(msg: Message, context: Context, call_next) -> Message:
                        **refused})
         raise
     sent: dict = {}
-    if msg.metadata.message_type == ANALYSE:  # per-bin counts can be under min-cell: their digest, and the sums
+    if stage:  # a secure round: what the node masked, never the masked bytes or the keys
+        sent = secure_update.ledger_view(stage, reply, context)
+    elif msg.metadata.message_type == ANALYSE:  # per-bin counts can be under min-cell: their digest, and the sums
         from client.stats import ledger_view
 
         sent = ledger_view(dict(reply.content["metrics"]))
@@ -218,9 +226,11 @@ def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
     rounds = 0 if mode == "analyse" else int(context.run_config.get("num-server-rounds", 0))  # analyses iterate
     current.policy.check_run(current.site.name, str(current.run_config.get("task", "oncology")), rounds,
                              current.config.get("server-round"), installed_app_hash(__file__), mode)
+    secure_update.check_policy(current.site.name, msg, current.run_config, current.policy.require_secure_aggregation,
+                               current.policy.min_sites)
     return call_next(msg, context)
 
 
 # The boundary is outermost, so that nothing escapes it; the ledger next, so that what the policy refuses is
-# recorded too.
-MODS = [error_boundary_mod, site_ledger_mod, site_policy_mod]
+# recorded too; Flower's SecAgg+ mod innermost, so that the policy refuses before any key is shared.
+MODS = [error_boundary_mod, site_ledger_mod, site_policy_mod, secure_update.secure_aggregation_mod]

@@ -29,6 +29,8 @@ class SitePolicy:
     max_analysis_iterations: int = DEFAULT_MAX_ANALYSIS_ITERATIONS
     max_epsilon: float = 0.0  # > 0: training must use dp, and each data set's total ε stays within this
     delta: float = 0.0  # the δ at which this site's ε is counted; 0: the run's dp-delta
+    require_secure_aggregation: bool = False  # train only under secure aggregation (client/secure_update.py)
+    min_sites: int = 3  # the fewest sites a secure round may have
 
     @classmethod
     def load(cls, path: str | Path | None, site: str) -> "SitePolicy":
@@ -40,7 +42,8 @@ class SitePolicy:
             raise PolicyRefusal(f"site {site}: policy file cannot be read ({type(exc).__name__}); refusing all work",
                                 rule="policy-file") from None
         unknown = set(raw) - {"tasks", "max-rounds", "min-examples", "allowed-app-hashes", "modes",
-                              "max-analysis-iterations", "max-epsilon", "delta"}
+                              "max-analysis-iterations", "max-epsilon", "delta",
+                              "require-secure-aggregation", "min-sites"}
         if unknown:
             raise PolicyRefusal(f"site {site}: policy file has unknown keys {sorted(unknown)}; refusing all work",
                                 rule="policy-file")
@@ -49,7 +52,8 @@ class SitePolicy:
                    tuple(str(h).lower() for h in raw.get("allowed-app-hashes", ())),
                    tuple(str(m) for m in raw.get("modes", ())),
                    int(raw.get("max-analysis-iterations", DEFAULT_MAX_ANALYSIS_ITERATIONS)),
-                   float(raw.get("max-epsilon", 0.0)), float(raw.get("delta", 0.0)))
+                   float(raw.get("max-epsilon", 0.0)), float(raw.get("delta", 0.0)),
+                   bool(raw.get("require-secure-aggregation", False)), int(raw.get("min-sites", 3)))
 
     def check_run(self, site: str, task: str, num_rounds: int, server_round: int | None, app_hash: str | None,
                   mode: str = "train") -> None:

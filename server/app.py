@@ -142,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
 
         names = {**{n: site for n, (site, _) in refused.items()}, **{n: s.name for n, s in sites.items()}}
         strategy = wrapped(inner, settings, names, {s.name: s.num_train for s in sites.values()}, ledger, on_round,
-                           round_offset=offset)
+                           round_offset=offset, context=context)
         with failure_recorded(ledger, context.run_id):
             start = dict(timeout=settings.round_timeout, train_config=train_config, evaluate_config=ConfigRecord({}))
             arrays = ArrayRecord(model.state_dict())

@@ -103,7 +103,7 @@ class RoundReporter(Strategy):
 
     def _collect(self, replies: Iterable[Message], into: dict[str, dict[str, float]], kind: str) -> list[Message]:
         """Record each reply under its site; the good replies, in order."""
-        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent if m.metadata.message_id}
         answered, good = set(), []
         for msg in replies:
             site = self._name(node_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
@@ -138,28 +138,36 @@ class RoundReporter(Strategy):
         server_round += self.offset
         self.current = SiteRound(server_round, time.perf_counter())
         self.global_arrays = arrays
-        self.sent = list(self.inner.configure_train(server_round, arrays, config, grid))
+        # a strategy that runs the round itself (secure aggregation) returns nothing to send; it says what it
+        # planned, which only attributes the replies (never sent from here)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.sent = messages or list(getattr(self.inner, "planned", []))
         config_sent = dict(self.sent[0].content["config"]) if self.sent else dict(config)
         self.ledger.append("round-start", {"round": server_round, "sites": sorted(self._sampled()),
                                            "config": config_sent, "global_model_hash": arrays_hash(arrays)})
-        return self.sent
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
-        good = self._collect(replies, self.current.train, "update")
-        arrays, metrics = self.inner.aggregate_train(server_round, good)
+        if getattr(self.inner, "runs_the_round", False):  # secure aggregation: the replies come out of its protocol
+            arrays, metrics = self.inner.aggregate_train(server_round, replies)
+            good = self._collect(self.inner.replies, self.current.train, "update")
+        else:
+            good = self._collect(replies, self.current.train, "update")
+            arrays, metrics = self.inner.aggregate_train(server_round, good)
+        secure = _secure_record(self.inner, self._name)
         if arrays is None:
             if not self.current.skipped:  # the wrapped strategy declined (e.g. too few updates for Bulyan)
                 self.current.skipped = f"{type(_innermost(self)).__name__} did not aggregate {len(good)} update(s)"
             self.ledger.append("round-skipped", {"round": server_round, "reason": self.current.skipped,
-                                                 "global_model_hash": arrays_hash(self.global_arrays)})
+                                                 "global_model_hash": arrays_hash(self.global_arrays), **secure})
             return None, metrics
         self.current.train_aggregate = _numbers(metrics)
         self.global_arrays = arrays
         used = set(self.current.train) - set(self.current.rejected)
         self.ledger.append("aggregation", {"round": server_round, "sites": sorted(used),
                                            "global_model_hash": arrays_hash(arrays),
-                                           "metrics": self.current.train_aggregate})
+                                           "metrics": self.current.train_aggregate, **secure})
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -177,6 +185,20 @@ class RoundReporter(Strategy):
                                          "duration_s": self.current.duration_s})
         self.on_round(self.current, self.global_arrays)
         return metrics
+
+
+def _secure_record(strategy: Strategy, name: Callable[[int], str]) -> dict:
+    """A secure round's protocol record for the ledger: who is in the sum, the bound, the quantisation step."""
+    last = getattr(strategy, "last", None)
+    if last is None:
+        return {}
+    from server.secure_aggregation import quantisation_step
+
+    return {"secure_aggregation": {
+        "in_sum": sorted(name(n) for n in last.answered) if last.mean_update else [],
+        "left_out": {name(n): reason for n, reason in sorted(last.failed.items())},
+        "update_norm_bound": strategy.update_norm, "quantisation_step": quantisation_step(strategy.update_norm),
+        "protocol_stages": last.stages, "protocol_seconds": round(last.seconds, 3)}}
 
 
 def _innermost(strategy: Strategy) -> Strategy:

@@ -61,6 +61,8 @@ class RunSettings:
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+    secure_aggregation: bool = False
+    secure_update_norm: float = 10.0
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunSettings":
@@ -115,6 +117,8 @@ class RunSettings:
                              "endpoint='survival', model='linear'")
         if self.dp:
             self._check_dp()
+        if self.secure_aggregation:
+            self._check_secure()
         if self.penalizer < 0:
             raise ValueError("run-config penalizer must not be negative")
         if self.min_cell < 1:
@@ -151,6 +155,17 @@ class RunSettings:
             raise ValueError("run-config dp-noise-multiplier and dp-max-grad-norm must be positive")
         if not 0 < self.dp_delta < 1:
             raise ValueError("run-config dp-delta must be in (0, 1)")
+
+    def _check_secure(self) -> None:
+        from server.secure_aggregation import STRATEGIES as SECURE
+
+        if self.mode != "train":
+            raise ValueError(f"run-config secure-aggregation applies to training; mode={self.mode!r} sends no updates")
+        if self.strategy not in SECURE:
+            raise ValueError(f"run-config secure-aggregation with strategy={self.strategy!r}: the coordinator sees only "
+                             f"the sum of the updates, and {self.strategy} needs each one; use {' or '.join(SECURE)}")
+        if self.secure_update_norm <= 0:
+            raise ValueError("run-config secure-update-norm must be positive (each site's update is bounded by it)")
 
     def privacy_config(self) -> dict[str, object]:
         """The train message's dp keys (data only); empty without dp."""

@@ -7,6 +7,9 @@ it wraps, as Flower's DP wrappers do; outermost first:
 - :class:`server.update_checks.UpdateGuard` lets only valid updates through;
 - :class:`ModelDtypes` keeps the aggregated model in the model's own dtypes;
 - Flower's strategy (FedAvg, FedAdam, Krum, ..., or server/newton.py's NewtonCox).
+
+Under secure aggregation (server/secure_aggregation.py) the reporter wraps
+:class:`~server.secure_aggregation.SecureAggregation` around FedAvg or FedProx.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -46,6 +49,12 @@ def build_strategy(settings: RunSettings, num_sites: int, num_nodes: int | None 
     away does not stall the federation; it takes part again when it is back.
     Bulyan needs ``4 f + 3`` sites for ``f`` malicious ones: fewer is refused here.
     """
+    if settings.secure_aggregation:
+        from server.secure_aggregation import MIN_SITES
+
+        if num_sites < MIN_SITES:
+            raise FederationError(f"secure aggregation needs at least {MIN_SITES} sites (with two, each could "
+                                  f"learn the other's update from the sum); {num_sites} take part")
     if settings.strategy == "bulyan" and num_sites < 4 * settings.num_malicious_nodes + 3:
         raise FederationError(f"bulyan with num-malicious-nodes={settings.num_malicious_nodes} needs at least "
                               f"{4 * settings.num_malicious_nodes + 3} sites; {num_sites} take part")
@@ -112,10 +121,17 @@ class ModelDtypes(Strategy):
 
 
 def wrapped(inner: Strategy, settings: RunSettings, site_names: dict[int, str], declared: dict[str, int],
-            ledger: Ledger, on_round: Callable[[SiteRound, ArrayRecord], None], round_offset: int = 0
-            ) -> RoundReporter:
-    """``inner`` with the update guard, the dtype keeper and the round reporter around it (see the module doc)."""
+            ledger: Ledger, on_round: Callable[[SiteRound, ArrayRecord], None], round_offset: int = 0,
+            context: Context | None = None) -> RoundReporter:
+    """``inner`` with the update guard, the dtype keeper and the round reporter around it (see the module doc);
+    under secure aggregation, with :class:`server.secure_aggregation.SecureAggregation` instead of the first two
+    (the coordinator cannot check an update it never sees; the nodes bound their own)."""
     reporter = RoundReporter(site_names, on_round, ledger, round_offset)
+    if settings.secure_aggregation:
+        from server.secure_aggregation import SecureAggregation
+
+        return reporter.wrapping(SecureAggregation(inner, context, settings.secure_update_norm,
+                                                   max(declared.values(), default=1), settings.round_timeout))
     guard = UpdateGuard(ModelDtypes(inner), site_names, declared, settings.validation(), settings.min_train_nodes,
                         events=reporter)
     return reporter.wrapping(guard)
