@@ -43,6 +43,7 @@ class SiteRound:
     validation_ms: float = 0.0
     train_aggregate: dict[str, float] = field(default_factory=dict)
     evaluate_aggregate: dict[str, float] = field(default_factory=dict)
+    secure: dict = field(default_factory=dict)  # secure aggregation: who is in the sum, who was left out, the bound
 
     @property
     def epsilon_max(self) -> float | None:
@@ -156,6 +157,7 @@ class RoundReporter(Strategy):
             good = self._collect(replies, self.current.train, "update")
             arrays, metrics = self.inner.aggregate_train(server_round, good)
         secure = _secure_record(self.inner, self._name)
+        self.current.secure = secure.get("secure_aggregation", {})
         if arrays is None:
             if not self.current.skipped:  # the wrapped strategy declined (e.g. too few updates for Bulyan)
                 self.current.skipped = f"{type(_innermost(self)).__name__} did not aggregate {len(good)} update(s)"

@@ -267,6 +267,8 @@ class Tracker(_OpenRun):
                 metrics[f"federation/{key}"] = value
         if r.epsilon_max is not None:
             metrics["federation/epsilon_max"] = r.epsilon_max
+        if r.secure:
+            metrics["federation/sites_in_secure_sum"] = float(len(r.secure["in_sum"]))
         for key, value in r.evaluate_aggregate.items():
             if key != "num-examples":
                 metrics[f"federation/{'eval_loss' if key == 'loss' else key}"] = value
@@ -281,6 +283,8 @@ class Tracker(_OpenRun):
         self.log_batch(metrics, step=r.server_round)
         if r.failures:
             self.client.log_dict(self.run_id, r.failures, f"failures/round-{r.server_round:04d}.json")
+        if r.secure:  # who is in the secure sum and who was left out, and why
+            self.client.log_dict(self.run_id, r.secure, f"secure_aggregation/round-{r.server_round:04d}.json")
         if r.rejected or r.skipped:
             self.client.log_dict(self.run_id, {"rejected": r.rejected, "skipped": r.skipped},
                                  f"rejected/round-{r.server_round:04d}.json")

@@ -7,10 +7,12 @@ import glob
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from mlflow.tracking import MlflowClient
 
 from client.data import demo
 from client.policy import SitePolicy
@@ -138,6 +140,11 @@ def test_secure_aggregation_equals_fedavg_within_the_quantisation_error_and_no_s
     # the coordinator's ledger: who is in the sum, never a site's update
     assert aggregation["secure_aggregation"]["in_sum"] == sorted(names) and sorted(updates) == sorted(names)
     assert not any("update_hash" in u for u in updates.values())
+    client = MlflowClient(mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("fedhosp").experiment_id])
+    assert run.data.metrics["federation/sites_in_secure_sum"] == 3.0 and run.data.params["secure-aggregation"] == "True"
+    assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/secure_aggregation/round-0001.json")["in_sum"] == \
+        sorted(names)
     # the sites' ledgers: every training message was a protocol stage (no plain update ever left), and what
     # each masked was trained from the global model the coordinator sent
     for name in names:
