@@ -108,6 +108,74 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
     assert not list((tmp_path / "stranger").rglob("run-*.jsonl"))
 
 
+def modified_copy(app: Path, into: Path) -> Path:
+    """The app, changed: its ClientApp module now writes ``modified-app-ran`` into the node's FEDHOSP_HOME when
+    imported (what a coordinator could slip into an app a hospital approved)."""
+    import shutil
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    into.mkdir(parents=True)
+    for name in ("pyproject.toml", ".gitignore"):
+        shutil.copy2(app / name, into / name)
+    for folder in ("server", "client", "models", "configs"):
+        shutil.copytree(app / folder, into / folder, ignore=ignore)
+    with open(into / "client" / "app.py", "a", encoding="utf-8") as out:
+        out.write('\nimport os as _os, pathlib as _pathlib\n'
+                  '_pathlib.Path(_os.environ["FEDHOSP_HOME"], "modified-app-ran").write_text("ran")\n')
+    return into
+
+
+def test_a_node_pinning_apps_refuses_a_modified_app_before_any_of_its_code_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from client.launcher import app_hash
+    from server.cli import app as cli
+
+    started = time.monotonic()
+    dirs = demo.write_demo(tmp_path / "data", 2)
+    pinned, other = names = [d.name for d in dirs]
+    printed = CliRunner().invoke(cli, ["site", "app-hash", str(APP_DIR)])
+    assert printed.exit_code == 0, printed.output
+    original = printed.output.strip()
+    policy = tmp_path / "pinned.toml"
+    policy.write_text(f'allowed-app-hashes = ["{original}"]\n')  # what the hospital reviewed
+    modified = modified_copy(APP_DIR, tmp_path / "modified-app")
+    changed = app_hash(modified)
+    config = {"num-server-rounds": 1, "local-epochs": 1, "min-train-nodes": 1}
+    # both hospitals run their ClientApps through the launcher; only the first pins apps
+    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)), policies={pinned: policy},
+                      mlflow_server=False, launched=names) as d:
+        first = run_on(d, APP_DIR, config)
+        assert first.ok, first.log[-3000:]
+        second = run_on(d, modified, config)
+        assert second.ok, second.log[-3000:]
+    print(f"pinned-app deployment: {time.monotonic() - started:.0f}s")
+    ledgers = d.workdir / "coordinator" / "ledgers"
+    one = read_records(ledgers / f"run-{first.run_id}.jsonl")
+    start = next(r["data"] for r in one if r["event"] == "run-start")
+    assert start["app"]["fab_hash"] == original  # what `flwr run` uploads is what `fedhosp site app-hash` printed
+    assert set(start["sites"]) == set(names) and not start["refused"]
+    assert {r["data"]["site"] for r in one if r["event"] == "update"} == set(names)
+    two = read_records(ledgers / f"run-{second.run_id}.jsonl")
+    start = next(r["data"] for r in two if r["event"] == "run-start")
+    assert start["app"]["fab_hash"] == changed != original
+    assert start["refused"] == {pinned: f"site {pinned}: policy refuses app {changed} (not in allowed-app-hashes)"}
+    assert set(start["sites"]) == {other}
+    assert {r["data"]["site"] for r in two if r["event"] == "update"} == {other}
+    assert [(r["data"]["site"], r["data"]["refused"]) for r in two if r["event"] == "update-failed"] == \
+        [(pinned, "allowed-app-hashes")]  # the round's message too, refused as a record, named by site
+    # the pinned site's own ledger: each refusal, its rule and the hash, recorded by the launcher
+    site = read_records(d.workdir / "sites" / pinned / "ledger" / f"run-{second.run_id}.jsonl")[1:]
+    assert [(r["event"], r["data"]["refused"], r["data"]["app"]["fab_hash"]) for r in site] == \
+        [(event, "allowed-app-hashes", changed) for event in ("query-failed", "train-failed", "evaluate-failed")]
+    # the modified code never ran on the pinned node, nor was it installed there; on the other node it did run
+    homes = {name: d.workdir / "sites" / name for name in names}
+    assert not list(homes[pinned].rglob("modified-app-ran"))
+    assert not list((homes[pinned] / "flwr").rglob(f"*.{changed[:8]}")) and list(
+        (homes[pinned] / "flwr").rglob(f"*.{original[:8]}"))
+    assert (homes[other] / "modified-app-ran").read_text() == "ran"
+
+
 def test_the_superlink_refuses_to_start_without_tls_unless_told_insecure(tmp_path):
     port = free_port()
     result = subprocess.run(["flower-superlink", "--host", "127.0.0.1", "--port", str(port)],
