@@ -21,8 +21,8 @@ from models.ledger import read_records
 from server import runner
 from client.credentials import make_node_key
 from server.credentials import make_tls
-from server.deploy import (deploy_local, drop_database, free_port, run_on, site_env, superlink_command,
-                           supernode_command)
+from server.deploy import (deploy_local, drop_database, free_port, launcher_command, run_on, site_env,
+                           superlink_command, supernode_command)
 from tests.conftest import APP_DIR, TRAIN_MESSAGE
 
 pytestmark = pytest.mark.timeout(900)
@@ -207,8 +207,15 @@ def test_compose_files_parse_and_use_the_local_deployments_flags_and_versions():
     compose_only = {"--isolation", "--superexec-auth-secret-file"}
     local = _flags(superlink_command(Path("/c"), 9093, Path("/s")))
     assert _flags(coordinator["services"]["superlink"]["command"]) == local | compose_only
-    local_node = _flags(supernode_command(Path("/ca"), "x:9093", Path("/k"), "", 9094))
-    assert _flags(site["services"]["supernode"]["command"]) == local_node | compose_only
+    # a hospital's node: as deploy-local's launched sites, the SuperNode isolated and the launcher beside it
+    local_node = _flags(supernode_command(Path("/ca"), "x:9093", Path("/k"), "", 9094, Path("/secret")))
+    assert _flags(site["services"]["supernode"]["command"]) == local_node
+    launcher = launcher_command("127.0.0.1:9094", Path("/secret"))
+    clientapp = site["services"]["clientapp"]
+    assert clientapp["entrypoint"] == ["python", *launcher[1:launcher.index("--runtime-api-address")]]
+    assert _flags(clientapp["command"]) == _flags(launcher)
+    assert clientapp["command"][clientapp["command"].index("--runtime-api-address") + 1] == "127.0.0.1:9094"
+    assert "site-policy.toml" in clientapp["secrets"]  # the launcher reads the policy the node config names
     assert "9093:9093" in coordinator["services"]["superlink"]["ports"]
     superlink_port = coordinator["services"]["superlink"]["command"]
     assert superlink_port[superlink_port.index("--port") + 1] == "9093"
