@@ -48,10 +48,15 @@ FEDHOSP_PACKAGES = ("client", "models", "server")
 class CheckingExecutor(SubprocessExecutor):
     """Flower's subprocess executor, starting this module's task mode (which checks the FAB) for every task."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: list[subprocess.Popen] = []
+
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         if spec.task_type != TaskType.CLIENT_APP:
             return LaunchResult.failed(f"fedhosp's launcher runs ClientApps only, not {spec.task_type}")
-        subprocess.Popen(task_command(spec))  # pylint: disable=consider-using-with  (as Flower's own executor)
+        self.running = [proc for proc in self.running if proc.poll() is None]  # reaps the ended ones
+        self.running.append(subprocess.Popen(task_command(spec)))  # pylint: disable=consider-using-with
         return LaunchResult.accepted()
 
 
