@@ -144,12 +144,14 @@ def test_a_node_pinning_apps_refuses_a_modified_app_before_any_of_its_code_runs(
     changed = app_hash(modified)
     config = {"num-server-rounds": 1, "local-epochs": 1, "min-train-nodes": 1}
     # both hospitals run their ClientApps through the launcher; only the first pins apps. The two runs go at once
-    # (the SuperLink runs them side by side, each node's launcher checks every message's app on its own)
+    # (the SuperLink runs them side by side, each node's launcher checks every message's app on its own), each
+    # tracking to a SQLite file of its own (SQLite is no store for two writers)
     with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)), policies={pinned: policy},
                       mlflow_server=False, launched=names) as d:
         deployed = time.monotonic()
         with ThreadPoolExecutor(max_workers=2) as pool:
-            first, second = pool.map(lambda app: run_on(d, app, config), (APP_DIR, modified))
+            first, second = pool.map(lambda app: run_on(d, app, {
+                **config, "mlflow-uri": f"sqlite:///{tmp_path / app.name}.db"}), (APP_DIR, modified))
         ran = time.monotonic()
         assert first.ok, first.log[-3000:]
         assert second.ok, second.log[-3000:]
