@@ -35,7 +35,8 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, Subpr
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
 from client.policy import VERIFIED_APP_ENV, SitePolicy
-from models.errors import PolicyRefusal
+from client.site import Site, resolve_site
+from models.errors import PolicyRefusal, SiteDataError
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +123,21 @@ def app_hash(path: Path) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def site_of(node_config: dict) -> str:
-    """This node's site name, as the ClientApp resolves it (client/site.py); "unknown" if the config has none."""
-    from client.site import resolve_site
-    from models.errors import SiteDataError
-
-    def no_demo(*_):
+def site_of(node_config: dict) -> Site:
+    """This node's site, as the ClientApp resolves it (client/site.py); "unknown" if the config names none."""
+    def no_demo(*_):  # a deployed node has a data-dir; only a simulation falls back to demo data
         raise SiteDataError("no site")
 
     try:
-        return resolve_site(node_config, "", no_demo).name
+        return resolve_site(node_config, "", no_demo)
     except SiteDataError:
-        return "unknown"
+        return Site("unknown", Path())
 
 
 def check_task(fab, context) -> tuple[str, str, PolicyRefusal | None]:
     """(site, the FAB's hash, the refusal or None) for a task's pulled FAB and the node's context."""
     node_config = dict(context.node_config)
-    site = site_of(node_config)
+    site = site_of(node_config).name
     try:
         policy = SitePolicy.load(node_config.get("policy"), site)
     except PolicyRefusal as refusal:
@@ -155,7 +153,7 @@ def refuse(client, message, context, site: str, fab_hash: str, refusal: PolicyRe
     from client.mods import Visit, refusal_reply, site_ledger
 
     flower.push_message(client, refusal_reply(message, site, refusal), context)
-    current = Visit(message, context, dict(context.run_config), None, site_record(site, context))
+    current = Visit(message, context, dict(context.run_config), None, site_of(dict(context.node_config)))
     try:
         config = dict(current.config)
         site_ledger(current).append(f"{current.kind}-failed", {
@@ -165,12 +163,6 @@ def refuse(client, message, context, site: str, fab_hash: str, refusal: PolicyRe
     except Exception as exc:  # the refusal has left already; the ledger's failure is the node's to see
         log.error("fedhosp launcher: the site ledger could not record the refusal (%s)", type(exc).__name__)
     flower.push_task_output(client, context, SubStatus.COMPLETED, "")
-
-
-def site_record(site: str, context):
-    from client.site import Site
-
-    return Site(site, Path(str(context.node_config.get("data-dir", ""))))
 
 
 def forget_fedhosp_modules() -> None:

@@ -161,6 +161,8 @@ def test_a_node_pinning_apps_refuses_a_modified_app_before_any_of_its_code_runs(
     one = read_records(ledgers / f"run-{first.run_id}.jsonl")
     start = next(r["data"] for r in one if r["event"] == "run-start")
     assert start["app"]["fab_hash"] == original  # what `flwr run` uploads is what `fedhosp site app-hash` printed
+    # (the pinned site's ClientApp checked that it runs from the folder of the FAB the launcher verified: so the
+    # launcher handed over to the FAB's own code, not to the fedhosp it imports itself)
     assert set(start["sites"]) == set(names) and not start["refused"]
     assert {r["data"]["site"] for r in one if r["event"] == "update"} == set(names)
     two = read_records(ledgers / f"run-{second.run_id}.jsonl")
