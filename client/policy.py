@@ -5,10 +5,16 @@ Without one, the defaults apply: every task, any number of rounds, any app,
 and at least 20 patients or images (smaller cohorts leak). A refusal is raised
 as :class:`PolicyRefusal` with the rule's key; its text names the site and the rule, never data, and the
 node's error boundary sends it as a structured refusal (client/mods.py).
+
+``allowed-app-hashes`` (full FAB SHA-256s) is enforced outside the app, by the launcher
+(client/launcher.py: :meth:`SitePolicy.check_app` before the FAB is installed); what the app
+checks itself (:meth:`SitePolicy.check_run`) only catches a node that pins apps without it.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +23,9 @@ from models.errors import PolicyRefusal
 
 DEFAULT_MIN_EXAMPLES = 20
 DEFAULT_MAX_ANALYSIS_ITERATIONS = 25  # each Newton iteration of an analysis is a query of the site's data
+# Set by the launcher in each ClientApp process it lets run: the full FAB hash it verified (client/launcher.py).
+VERIFIED_APP_ENV = "FEDHOSP_VERIFIED_APP"
+FULL_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -47,9 +56,13 @@ class SitePolicy:
         if unknown:
             raise PolicyRefusal(f"site {site}: policy file has unknown keys {sorted(unknown)}; refusing all work",
                                 rule="policy-file")
+        app_hashes = tuple(str(h).strip().lower() for h in raw.get("allowed-app-hashes", ()))
+        if not all(FULL_HASH.fullmatch(h) for h in app_hashes):
+            raise PolicyRefusal(f"site {site}: policy file's allowed-app-hashes must be full FAB SHA-256 hashes "
+                                "(64 hex digits, as `fedhosp site app-hash` prints them); refusing all work",
+                                rule="policy-file")
         return cls(tuple(raw.get("tasks", ())), int(raw.get("max-rounds", 0)),
-                   int(raw.get("min-examples", DEFAULT_MIN_EXAMPLES)),
-                   tuple(str(h).lower() for h in raw.get("allowed-app-hashes", ())),
+                   int(raw.get("min-examples", DEFAULT_MIN_EXAMPLES)), app_hashes,
                    tuple(str(m) for m in raw.get("modes", ())),
                    int(raw.get("max-analysis-iterations", DEFAULT_MAX_ANALYSIS_ITERATIONS)),
                    float(raw.get("max-epsilon", 0.0)), float(raw.get("delta", 0.0)),
@@ -66,11 +79,19 @@ class SitePolicy:
             raise PolicyRefusal(f"site {site}: policy refuses runs of more than {self.max_rounds} rounds "
                                 f"(this run has {num_rounds})", rule="max-rounds")
         if self.app_hashes:
-            # Flower installs an app under a folder named by the first 8 hex digits of its FAB hash;
-            # that prefix is what a node can check (see README).
-            if not app_hash or not any(h.startswith(app_hash.lower()) for h in self.app_hashes):
-                raise PolicyRefusal(f"site {site}: policy refuses app {app_hash or 'of unknown hash'} "
-                                    "(not in allowed-app-hashes)", rule="allowed-app-hashes")
+            # The launcher checked the full hash before this app was installed; this only catches a node that pins
+            # apps but does not start its ClientApps through the launcher (a changed app would skip it anyway).
+            if not app_hash:
+                raise PolicyRefusal(f"site {site}: policy refuses to run an app it has not checked: it pins "
+                                    "allowed-app-hashes, but this ClientApp was not started by fedhosp's launcher",
+                                    rule="allowed-app-hashes")
+            self.check_app(site, app_hash)
+
+    def check_app(self, site: str, fab_hash: str) -> None:
+        """``fab_hash``: the SHA-256 of the FAB's bytes, full (the launcher computes it before installing)."""
+        if self.app_hashes and fab_hash.lower() not in self.app_hashes:
+            raise PolicyRefusal(f"site {site}: policy refuses app {fab_hash} (not in allowed-app-hashes)",
+                                rule="allowed-app-hashes")
 
     def check_analysis_iteration(self, site: str, iteration: int) -> None:
         if iteration > self.max_analysis_iterations:
@@ -103,7 +124,9 @@ class SitePolicy:
 
 
 def installed_app_hash(module_file: str) -> str | None:
-    """The FAB hash prefix from the folder Flower installed this app in (``<publisher>.<name>.<version>.<hash8>``)."""
+    """The full FAB hash the launcher verified for this ClientApp process, if ``module_file`` lies in that FAB's
+    install folder (Flower names it ``<publisher>.<name>.<version>.<first 8 hex digits>``); None without the
+    launcher."""
+    verified = os.environ.get(VERIFIED_APP_ENV, "").lower()
     folder = Path(module_file).resolve().parent.parent.name
-    prefix = folder.rsplit(".", 1)[-1]
-    return prefix if len(prefix) == 8 and all(c in "0123456789abcdef" for c in prefix) else None
+    return verified if FULL_HASH.fullmatch(verified) and folder.endswith("." + verified[:8]) else None

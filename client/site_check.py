@@ -1,5 +1,6 @@
 """``fedhosp site``: the hospital's commands. ``check DIR`` shows what a node would use from its site folder,
-before it joins a federation; ``node-key DIR`` makes the node's key pair; ``budget`` shows its privacy budget.
+before it joins a federation; ``node-key DIR`` makes the node's key pair; ``budget`` shows its privacy budget;
+``app-hash APP`` prints the FAB hash its policy pins; ``launcher`` runs its ClientApps, checked (client/launcher.py).
 
 The check runs on the node and prints locally: hospital IT sees how many images or
 patients are usable, what was skipped and why, the class balance and a data
@@ -34,7 +35,8 @@ class Task(str, Enum):
 
 @site_app.callback()
 def _group() -> None:
-    """A hospital's commands: check its site folder, make its node key, read its privacy budget."""
+    """A hospital's commands: check its site folder, make its node key, read its privacy budget, pin apps by hash,
+    run its checked ClientApps."""
 
 
 @site_app.command()
@@ -110,6 +112,27 @@ def budget(
     elif len(found) > 1:  # a patient in every export is bounded by the sum (basic composition)
         console.print(f"all data sets together: ε ≤ {total:.3f} at δ ≤ {delta * len(found):g} for a patient "
                       "present in every one of them")
+
+
+@site_app.command("app-hash")
+def app_hash(
+    app: Annotated[Path, typer.Argument(exists=True, help="The app folder the coordinator runs (as `flwr run "
+                                                          "<folder>` uploads it), or a built .fab file.")],
+) -> None:
+    """Print the app's full FAB hash (SHA-256), as allowed-app-hashes pins it."""
+    from client.launcher import app_hash as fab_hash
+
+    Console().out(fab_hash(app), highlight=False)
+
+
+@site_app.command("launcher", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                                "help_option_names": []})
+def launcher(ctx: typer.Context) -> None:
+    """Run the node's ClientApps, each only after its FAB hash passed the policy (flower-superexec's flags; beside
+    a SuperNode started with --isolation process)."""
+    from client.launcher import main
+
+    main(ctx.args)
 
 
 @site_app.command("node-key")

@@ -53,7 +53,11 @@ def record_hash(record: dict) -> str:
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
-    """The signing key, created on first use: PEM, mode 0600, in a 0700 folder; ``.pub`` beside it."""
+    """The signing key, created on first use: PEM, mode 0600, in a 0700 folder; ``.pub`` beside it.
+
+    Two processes may create it at once (two runs starting side by side): the key is written whole to a file of
+    its own, then linked into place, so that exactly one key wins and every process loads that one.
+    """
     path = Path(path)
     if path.exists():
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -62,9 +66,18 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(draft, path)  # atomic, and never replaces a key another process linked first
+    except FileExistsError:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    finally:
+        draft.unlink()
     path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return key

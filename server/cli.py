@@ -17,7 +17,7 @@ from server.audit import audit_app
 app = typer.Typer(help="fedhosp: federated learning for hospitals (Flower + MLflow).", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 app.add_typer(site_app, name="site", help="A hospital's commands: check its site folder, make its node key, read "
-                                         "its privacy budget.")
+                                         "its privacy budget, pin apps by hash, run its checked ClientApps.")
 app.add_typer(audit_app, name="audit", help="Verify, show, reconcile and export ledgers (for auditors).")
 console = Console(width=None if sys.stdout.isatty() else 120)
 

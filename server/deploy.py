@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import secrets
 import socket
 import subprocess
+import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from server import runner
 from server.credentials import make_tls
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+FEDHOSP_ROOT = Path(__file__).resolve().parent.parent  # the fedhosp a launcher imports (client/launcher.py)
 logger = logging.getLogger(__name__)
 
 
@@ -42,13 +46,37 @@ def superlink_command(certs: Path, port: int, database: Path, insecure: bool = F
             "--host", "127.0.0.1", "--port", str(port), "--database", str(database)]
 
 
-def supernode_command(ca: Path | None, superlink: str, key: Path | None, node_config: str, port: int) -> list[str]:
-    """A hospital's SuperNode: trusts the coordinator's CA and signs with its own registered key."""
+def supernode_command(ca: Path | None, superlink: str, key: Path | None, node_config: str, port: int,
+                      superexec_secret: Path | None = None) -> list[str]:
+    """A hospital's SuperNode: trusts the coordinator's CA and signs with its own registered key.
+
+    With ``superexec_secret`` it runs no app code itself (``--isolation process``): the launcher beside it, which
+    authenticates with that secret, starts every ClientApp (:func:`launcher_command`)."""
     auth = ["--root-certificates", str(ca)] if ca else ["--insecure"]
     if key:
         auth += ["--auth-supernode-private-key", str(key)]
-    return ["flower-supernode", *auth, "--superlink", superlink, "--node-config", node_config,
+    isolated = ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)] \
+        if superexec_secret else []
+    return ["flower-supernode", *auth, "--superlink", superlink, "--node-config", node_config, *isolated,
             "--host", "127.0.0.1", "--port", str(port)]
+
+
+def launcher_command(runtime_api: str, superexec_secret: Path) -> list[str]:
+    """The hospital's launcher beside its SuperNode: checks every app's full FAB hash against the site policy
+    before any of the app's code runs (client/launcher.py); plain HTTP to the SuperNode on the same host."""
+    return [sys.executable, "-m", "client.launcher", "--runtime-api-address", runtime_api, "--insecure",
+            "--superexec-auth-secret-file", str(superexec_secret)]
+
+
+def superexec_secret(folder: Path) -> Path:
+    """The secret a SuperNode and its launcher share (mode 0600), made once."""
+    path = Path(folder) / "superexec_secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_hex(32).encode())
+    return path
 
 
 def database_name(workdir: Path) -> str:
@@ -162,12 +190,13 @@ def site_env(base: dict[str, str], home: Path) -> dict[str, str]:
 
 @contextmanager
 def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], policies: dict[str, Path] | None = None,
-                 register: list[str] | None = None, mlflow_server: bool = True):
+                 register: list[str] | None = None, mlflow_server: bool = True, launched: list[str] | None = None):
     """Coordinator (MLflow server, SuperLink) plus one SuperNode per site; everything stopped on exit.
 
     ``register`` lists the sites whose keys the coordinator registers (default: all), so a test
     can start a node the coordinator does not know. ``mlflow_server=False`` tracks to a SQLite file
-    instead (a test about the nodes, not the tracking server).
+    instead (a test about the nodes, not the tracking server). ``launched`` lists the sites whose
+    SuperNode runs under ``--isolation process`` with fedhosp's launcher beside it (as compose/site.yml).
     """
     workdir = Path(workdir)
     base = runner.runtime_env()
@@ -209,10 +238,17 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
             config = {"site-name": site, "data-dir": str(site_dirs[site]), "ledger-dir": str(home / "ledger")}
             if policies and site in policies:
                 config["policy"] = str(policies[site])
+            secret = superexec_secret(home / "keys") if launched and site in launched else None
+            runtime_port = free_port()
             processes.start(f"supernode-{site}", supernode_command(
                 certs / "ca.crt", f"127.0.0.1:{port}", home / "keys" / "node_key", runner.config_arg(config),
-                free_port()),
+                runtime_port, secret),
                 site_env(base, home), workdir / "logs" / f"supernode-{site}.log")
+            if secret:  # the launcher imports this fedhosp, whatever the working directory
+                env = {**site_env(base, home), "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(FEDHOSP_ROOT), base.get("PYTHONPATH", "")) if p)}
+                processes.start(f"launcher-{site}", launcher_command(f"127.0.0.1:{runtime_port}", secret), env,
+                                workdir / "logs" / f"launcher-{site}.log")
         if mlflow_server:
             runner.wait_until(lambda: runner.http_ok(f"http://127.0.0.1:{mlflow_port}/health"), "MLflow server", 120,
                               proc, log)

@@ -91,7 +91,7 @@ WEIGHTS = {
     "test_a_supernode_killed": 200, "test_a_killed_coordinator": 170, "test_validation_verdicts_report": 170,
     "test_tls_node_auth": 150, "test_poisoned_updates": 140, "test_a_site_privacy_budget": 105, "test_cross_site_matrix": 130,
     "test_radiology_simulation": 90, "test_planted_identifiers": 85, "test_single_site_intervals": 63, "test_main_job": 60,
-    "test_response_endpoint": 47, "test_the_newton_strategy": 40,
+    "test_response_endpoint": 47, "test_the_newton_strategy": 40, "test_a_node_pinning_apps": 80,
     # one shared analysis federation: its first reader builds it early, the others read it at the end
     "test_an_analysis_prints": 75, "test_an_unknown_column": 15, "test_bad_site_data": 45, "test_densenet121": 17, "test_an_oncology_train": 14,
 }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -21,8 +22,8 @@ from models.ledger import read_records
 from server import runner
 from client.credentials import make_node_key
 from server.credentials import make_tls
-from server.deploy import (deploy_local, drop_database, free_port, run_on, site_env, superlink_command,
-                           supernode_command)
+from server.deploy import (deploy_local, drop_database, free_port, launcher_command, run_on, site_env,
+                           superlink_command, supernode_command)
 from tests.conftest import APP_DIR, TRAIN_MESSAGE
 
 pytestmark = pytest.mark.timeout(900)
@@ -108,6 +109,82 @@ def test_tls_node_auth_federation_admits_only_registered_nodes_honours_policy_an
     assert not list((tmp_path / "stranger").rglob("run-*.jsonl"))
 
 
+def modified_copy(app: Path, into: Path) -> Path:
+    """The app, changed: its ClientApp module now writes ``modified-app-ran`` into the node's FEDHOSP_HOME when
+    imported (what a coordinator could slip into an app a hospital approved)."""
+    import shutil
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    into.mkdir(parents=True)
+    for name in ("pyproject.toml", ".gitignore"):
+        shutil.copy2(app / name, into / name)
+    for folder in ("server", "client", "models", "configs"):
+        shutil.copytree(app / folder, into / folder, ignore=ignore)
+    with open(into / "client" / "app.py", "a", encoding="utf-8") as out:
+        out.write('\nimport os as _os, pathlib as _pathlib\n'
+                  '_pathlib.Path(_os.environ["FEDHOSP_HOME"], "modified-app-ran").write_text("ran")\n')
+    return into
+
+
+def test_a_node_pinning_apps_refuses_a_modified_app_before_any_of_its_code_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from client.launcher import app_hash
+    from server.cli import app as cli
+
+    started = time.monotonic()
+    dirs = demo.write_demo(tmp_path / "data", 2)
+    pinned, other = names = [d.name for d in dirs]
+    printed = CliRunner().invoke(cli, ["site", "app-hash", str(APP_DIR)])
+    assert printed.exit_code == 0, printed.output
+    original = printed.output.strip()
+    policy = tmp_path / "pinned.toml"
+    policy.write_text(f'allowed-app-hashes = ["{original}"]\n')  # what the hospital reviewed
+    modified = modified_copy(APP_DIR, tmp_path / "modified-app")
+    changed = app_hash(modified)
+    config = {"num-server-rounds": 1, "local-epochs": 1, "min-train-nodes": 1}
+    # both hospitals run their ClientApps through the launcher; only the first pins apps. The two runs go at once
+    # (the SuperLink runs them side by side, each node's launcher checks every message's app on its own), each
+    # tracking to a SQLite file of its own (SQLite is no store for two writers)
+    with deploy_local(tmp_path / "dep", names, dict(zip(names, dirs)), policies={pinned: policy},
+                      mlflow_server=False, launched=names) as d:
+        deployed = time.monotonic()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            first, second = pool.map(lambda app: run_on(d, app, {
+                **config, "mlflow-uri": f"sqlite:///{tmp_path / app.name}.db"}), (APP_DIR, modified))
+        ran = time.monotonic()
+        assert first.ok, first.log[-3000:]
+        assert second.ok, second.log[-3000:]
+    print(f"pinned apps: deployed in {deployed - started:.0f}s, both runs in {ran - deployed:.0f}s, "
+          f"stopped in {time.monotonic() - ran:.0f}s")
+    ledgers = d.workdir / "coordinator" / "ledgers"
+    one = read_records(ledgers / f"run-{first.run_id}.jsonl")
+    start = next(r["data"] for r in one if r["event"] == "run-start")
+    assert start["app"]["fab_hash"] == original  # what `flwr run` uploads is what `fedhosp site app-hash` printed
+    # (the pinned site's ClientApp checked that it runs from the folder of the FAB the launcher verified: so the
+    # launcher handed over to the FAB's own code, not to the fedhosp it imports itself)
+    assert set(start["sites"]) == set(names) and not start["refused"]
+    assert {r["data"]["site"] for r in one if r["event"] == "update"} == set(names)
+    two = read_records(ledgers / f"run-{second.run_id}.jsonl")
+    start = next(r["data"] for r in two if r["event"] == "run-start")
+    assert start["app"]["fab_hash"] == changed != original
+    assert start["refused"] == {pinned: f"site {pinned}: policy refuses app {changed} (not in allowed-app-hashes)"}
+    assert set(start["sites"]) == {other}
+    assert {r["data"]["site"] for r in two if r["event"] == "update"} == {other}
+    assert [(r["data"]["site"], r["data"]["refused"]) for r in two if r["event"] == "update-failed"] == \
+        [(pinned, "allowed-app-hashes")]  # the round's message too, refused as a record, named by site
+    # the pinned site's own ledger: each refusal, its rule and the hash, recorded by the launcher
+    site = read_records(d.workdir / "sites" / pinned / "ledger" / f"run-{second.run_id}.jsonl")[1:]
+    assert [(r["event"], r["data"]["refused"], r["data"]["app"]["fab_hash"]) for r in site] == \
+        [(event, "allowed-app-hashes", changed) for event in ("query-failed", "train-failed", "evaluate-failed")]
+    # the modified code never ran on the pinned node, nor was it installed there; on the other node it did run
+    homes = {name: d.workdir / "sites" / name for name in names}
+    assert not list(homes[pinned].rglob("modified-app-ran"))
+    assert not list((homes[pinned] / "flwr").rglob(f"*.{changed[:8]}")) and list(
+        (homes[pinned] / "flwr").rglob(f"*.{original[:8]}"))
+    assert (homes[other] / "modified-app-ran").read_text() == "ran"
+
+
 def test_the_superlink_refuses_to_start_without_tls_unless_told_insecure(tmp_path):
     port = free_port()
     result = subprocess.run(["flower-superlink", "--host", "127.0.0.1", "--port", str(port)],
@@ -139,8 +216,15 @@ def test_compose_files_parse_and_use_the_local_deployments_flags_and_versions():
     compose_only = {"--isolation", "--superexec-auth-secret-file"}
     local = _flags(superlink_command(Path("/c"), 9093, Path("/s")))
     assert _flags(coordinator["services"]["superlink"]["command"]) == local | compose_only
-    local_node = _flags(supernode_command(Path("/ca"), "x:9093", Path("/k"), "", 9094))
-    assert _flags(site["services"]["supernode"]["command"]) == local_node | compose_only
+    # a hospital's node: as deploy-local's launched sites, the SuperNode isolated and the launcher beside it
+    local_node = _flags(supernode_command(Path("/ca"), "x:9093", Path("/k"), "", 9094, Path("/secret")))
+    assert _flags(site["services"]["supernode"]["command"]) == local_node
+    launcher = launcher_command("127.0.0.1:9094", Path("/secret"))
+    clientapp = site["services"]["clientapp"]
+    assert clientapp["entrypoint"] == ["python", *launcher[1:launcher.index("--runtime-api-address")]]
+    assert _flags(clientapp["command"]) == _flags(launcher)
+    assert clientapp["command"][clientapp["command"].index("--runtime-api-address") + 1] == "127.0.0.1:9094"
+    assert "site-policy.toml" in clientapp["secrets"]  # the launcher reads the policy the node config names
     assert "9093:9093" in coordinator["services"]["superlink"]["ports"]
     superlink_port = coordinator["services"]["superlink"]["command"]
     assert superlink_port[superlink_port.index("--port") + 1] == "9093"

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from models.ledger import GENESIS, Ledger, load_or_create_key, read_records, record_hash
+from models.ledger import GENESIS, Ledger, load_or_create_key, public_key_text, read_records, record_hash
 from server.audit import audit_app
 
 runner = CliRunner()
@@ -144,3 +144,21 @@ def test_show_and_export_render_every_record(ledger_path, tmp_path):
     html = tmp_path / "ledger.html"
     result = runner.invoke(audit_app, ["export", str(ledger_path), "--format", "html", "--out", str(html)])
     assert result.exit_code == 0 and html.read_text().count("<tr") == 11
+
+
+def test_processes_creating_the_signing_key_at_once_all_sign_with_the_one_that_was_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import APP_DIR
+
+    path = tmp_path / "keys" / "site_ed25519.pem"
+    code = ("import sys; from models.ledger import load_or_create_key, public_key_text; "
+            "print(public_key_text(load_or_create_key(sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=APP_DIR, stdout=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    keys = {proc.communicate(timeout=120)[0].strip() for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    assert keys == {public_key_text(load_or_create_key(path))}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["site_ed25519.pem", "site_ed25519.pub"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"

@@ -4,7 +4,7 @@ import pytest
 from flwr.app import MessageType
 
 from models.ledger import read_records
-from client.policy import SitePolicy, installed_app_hash
+from client.policy import VERIFIED_APP_ENV, SitePolicy, installed_app_hash
 from models.errors import PolicyRefusal
 from tests.test_client_app import _context, _message, _train_content
 from tests.node_replies import refusal
@@ -62,16 +62,45 @@ def test_default_policy_refuses_cohorts_under_twenty(tmp_path):
     SitePolicy().check_examples("A", 20, "images")
 
 
-def test_app_hash_allow_list_uses_the_installed_fab_hash_prefix(tmp_path):
-    policy = SitePolicy(app_hashes=("3cd0468d22d7b06559ee75a7b01e7df77ab8dc0a0352868015a56a1938dfa9b9",))
-    policy.check_run("A", "oncology", 3, 1, "3cd0468d")
-    with pytest.raises(PolicyRefusal, match="policy refuses app deadbeef"):
-        policy.check_run("A", "oncology", 3, 1, "deadbeef")
-    with pytest.raises(PolicyRefusal, match="of unknown hash"):
-        policy.check_run("A", "oncology", 3, 1, None)
-    app_file = tmp_path / "apps" / "fedhosp.fedhosp.0.1.0.3cd0468d" / "client" / "app.py"
-    assert installed_app_hash(str(app_file)) == "3cd0468d"
-    assert installed_app_hash("/work/main/client/app.py") is None
+PINNED = "3cd0468d22d7b06559ee75a7b01e7df77ab8dc0a0352868015a56a1938dfa9b9"
+
+
+def test_pinned_apps_are_compared_by_their_full_hash_so_a_colliding_prefix_is_refused():
+    policy = SitePolicy(app_hashes=(PINNED,))
+    policy.check_app("A", PINNED)
+    policy.check_app("A", PINNED.upper())
+    collision = PINNED[:8] + "0" * 56  # what a crafted app could match when only the install folder's prefix counted
+    with pytest.raises(PolicyRefusal, match=f"^site A: policy refuses app {collision} \\(not in allowed-app-hashes\\)$") \
+            as refused:
+        policy.check_app("A", collision)
+    assert refused.value.rule == "allowed-app-hashes"
+    SitePolicy().check_app("A", collision)  # no pins: any app
+
+
+def test_a_pin_that_is_not_a_full_sha256_refuses_all_work(tmp_path):
+    for pin in (PINNED[:8], PINNED + "0", "z" * 64):
+        with pytest.raises(PolicyRefusal, match="^site A: policy file's allowed-app-hashes must be full") as refused:
+            SitePolicy.load(_policy(tmp_path, f'allowed-app-hashes = ["{pin}"]\n'), "A")
+        assert refused.value.rule == "policy-file"
+    assert SitePolicy.load(_policy(tmp_path, f'allowed-app-hashes = ["{PINNED.upper()}"]\n'), "A").app_hashes == (PINNED,)
+
+
+def test_a_node_that_pins_apps_but_was_not_started_through_the_launcher_refuses_loudly(tmp_path, site_dir, monkeypatch):
+    from client.app import app
+
+    monkeypatch.delenv(VERIFIED_APP_ENV, raising=False)
+    ctx = _node(tmp_path, site_dir, _policy(tmp_path, f'allowed-app-hashes = ["{PINNED}"]\n'))
+    refusal(app(_message(MessageType.TRAIN, _train_content()), ctx),
+            r"^site Sjælland: policy refuses to run an app it has not checked: it pins allowed-app-hashes, but this "
+            r"ClientApp was not started by fedhosp's launcher$", rule="allowed-app-hashes")
+    # the hash the launcher verified counts only for the code installed in that FAB's folder
+    installed = tmp_path / "apps" / f"fedhosp.fedhosp.0.1.0.{PINNED[:8]}" / "client" / "mods.py"
+    monkeypatch.setenv(VERIFIED_APP_ENV, PINNED)
+    assert installed_app_hash(str(installed)) == PINNED
+    assert installed_app_hash(str(tmp_path / "apps" / "fedhosp.fedhosp.0.1.0.deadbeef" / "client" / "mods.py")) is None
+    assert installed_app_hash(str(site_dir / "client" / "mods.py")) is None
+    monkeypatch.setenv(VERIFIED_APP_ENV, PINNED[:8])
+    assert installed_app_hash(str(installed)) is None
 
 
 def test_an_unreadable_or_unknown_policy_refuses_everything(tmp_path):
