@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 export FEDHOSP_HOME ?= $(CURDIR)/.fedhosp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install system-deps demo test distclean bench bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis bench-privacy deploy-local clean
+.PHONY: install system-deps demo test distclean bench bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis bench-privacy bench-secure deploy-local clean
 SITES ?= 3
 ROUNDS ?= 3
 TASK ?= oncology
@@ -39,7 +39,7 @@ demo: install
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis bench-privacy
+bench: bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis bench-privacy bench-secure
 
 bench-oncology: install
 	$(BIN)/python tests/bench_oncology.py $(ARGS)
@@ -58,6 +58,10 @@ bench-analysis: install
 # Differential privacy: epsilon in {inf, 8, 3, 1} against AUC (oncology response, radiology demo), same seeds.
 bench-privacy: install
 	$(BIN)/python tests/bench_privacy.py $(ARGS)
+
+# Secure aggregation (SecAgg+) vs plain FedAvg, 5 demo sites: round wall time, bytes per site, model difference.
+bench-secure: install
+	$(BIN)/python tests/bench_secure.py $(ARGS)
 
 # The plainest Flower app of the same shape vs `flwr run .` vs `fedhosp run`: wall time and peak RSS.
 bench-overhead: install

@@ -160,7 +160,8 @@ class RoundReporter(Strategy):
         self.current.secure = secure.get("secure_aggregation", {})
         if arrays is None:
             if not self.current.skipped:  # the wrapped strategy declined (e.g. too few updates for Bulyan)
-                self.current.skipped = f"{type(_innermost(self)).__name__} did not aggregate {len(good)} update(s)"
+                self.current.skipped = getattr(self.inner, "skip_reason", "") or \
+                    f"{type(_innermost(self)).__name__} did not aggregate {len(good)} update(s)"
             self.ledger.append("round-skipped", {"round": server_round, "reason": self.current.skipped,
                                                  "global_model_hash": arrays_hash(self.global_arrays), **secure})
             return None, metrics

@@ -239,6 +239,7 @@ class SecureAggregation(Strategy):
         self.planned: list[Message] = []
         self.replies: list[Message] = []
         self.last: SecureRound | None = None
+        self.skip_reason = ""  # why the last round produced no sum, for the round reporter
         self._grid: Grid | None = None
         self._global: ArrayRecord | None = None
 
@@ -255,10 +256,14 @@ class SecureAggregation(Strategy):
         return []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        self.replies = []
-        if len(self.planned) < MIN_SITES:
-            raise FederationError(f"secure aggregation needs at least {MIN_SITES} sites in a round; "
-                                  f"{len(self.planned)} are connected")
+        self.replies, self.skip_reason = [], ""
+        if len(self.planned) < MIN_SITES:  # sites went away: no round rather than an unsafe one
+            self.last = None
+            self.skip_reason = (f"only {len(self.planned)} sites connected; secure aggregation needs at least "
+                                f"{MIN_SITES}")
+            self.replies = [Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"secure round not held: "
+                                          f"{self.skip_reason}"), reply_to=m) for m in self.planned]
+            return None, None
         result = run_secagg_round(self._grid, self.context, server_round, self._global, self.planned,
                                   self.update_norm, self.max_weight, self.timeout)
         self.last = result
@@ -277,6 +282,9 @@ class SecureAggregation(Strategy):
                 reason = result.failed.get(node, "not in the secure sum")
                 self.replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message))
         if not result.mean_update:
+            kept = len(self.planned) - len(result.failed)
+            self.skip_reason = (f"secure aggregation halted after {result.stages} of 4 stages: {kept} of "
+                                f"{len(self.planned)} sites remained, too few to unmask the sum")
             return None, None
         arrays = ArrayRecord({k: Array(_added(a.numpy(), result.mean_update.get(k))) for k, a in self._global.items()})
         good = [m.content for m in self.replies if not m.has_error() and "metrics" in m.content.metric_records]

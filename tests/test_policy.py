@@ -115,3 +115,15 @@ def test_the_example_policy_in_configs_loads():
 
     policy = SitePolicy.load(APP_DIR / "configs" / "site-policy.example.toml", "A")
     assert policy.min_examples == 20 and "radiology" in policy.tasks
+
+
+def test_the_example_and_hardened_policies_parse_and_the_hardened_one_fails_closed():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    example = SitePolicy.load(configs / "site-policy.example.toml", "Sjælland")
+    assert not example.require_secure_aggregation and example.min_sites == 3
+    hardened = SitePolicy.load(configs / "site-policy.hardened.toml", "Sjælland")
+    assert hardened.require_secure_aggregation and hardened.min_sites >= 3 and len(hardened.app_hashes) == 1
+    with pytest.raises(PolicyRefusal):  # the placeholder pin matches no real app until the hospital fills it in
+        hardened.check_app("Sjælland", "ab" * 32)
