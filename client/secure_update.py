@@ -127,7 +127,22 @@ def secure_aggregation_mod(msg: Message, context, call_next) -> Message:
         return call_next(msg, context)
     from flwr.client.mod import secaggplus_mod
 
+    if stage(msg) == "collect_masked_vectors":
+        seed_rounding(msg)
     return secaggplus_mod(msg, context, call_next)
+
+
+def seed_rounding(msg: Message) -> None:
+    """Seed the stochastic rounding of Flower's quantisation (numpy's global generator) by the run's seed, the
+    round and the node, so that a secure run repeats as a plain one does. It only makes the rounding unbiased;
+    the masks, which hide the update, come from keys and seeds of the protocol's own."""
+    import hashlib
+
+    from client.mods import visit
+
+    config = train_config(msg)
+    text = f"{config.get('seed', 0)}/{config.get('server-round', 0)}/{visit().site_name}"
+    np.random.seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little"))
 
 
 def ledger_view(current_stage: str, reply: Message, context) -> dict:
