@@ -103,8 +103,50 @@ def _updates_by_coordinator(records: list[dict]) -> dict[tuple[int, str], dict]:
 
 
 def _updates_by_site(records: list[dict]) -> dict[tuple[int, str], dict]:
+    """Plain updates only: a secure round's masked update is reconciled against the secure sum instead."""
     return {(int(r["data"]["round"]), r["data"]["site"]): r["data"] for r in records
-            if r["event"] == "train" and r["data"].get("sent", {}).get("update_hash")}
+            if r["event"] == "train" and r["data"].get("sent", {}).get("update_hash")
+            and "secure_aggregation" not in r["data"]["sent"]}
+
+
+MASKED = "collect_masked_vectors"  # the secure round's stage that carries a site's (masked) update
+
+
+def reconcile_secure(coordinator: list[dict], sites: list[list[dict]]) -> list[str]:
+    """Secure rounds: a site that masked an update is in the coordinator's secure sum (unless the round produced
+    none), trained from the global model the coordinator sent, and declared the examples the coordinator
+    weighed it by; every site in a sum whose ledger is given masked one."""
+    in_sum = {r["data"]["round"]: set(r["data"]["secure_aggregation"]["in_sum"]) for r in coordinator
+              if r["event"] == "aggregation" and "secure_aggregation" in r["data"]}
+    sent_global = {r["data"]["round"]: r["data"]["global_model_hash"] for r in coordinator if r["event"] == "round-start"}
+    weighed = {(r["data"]["round"], r["data"]["site"]): r["data"].get("num_examples") for r in coordinator
+               if r["event"] == "update" and "update_hash" not in r["data"]}
+    problems: list[str] = []
+    masked: set[tuple[int, str]] = set()
+    covered: set[str] = set()
+    for site_records in sites:
+        covered.add(next((r["data"].get("site") for r in site_records if r["event"] == "ledger-open"), None))
+        for r in site_records:
+            sent = r["data"].get("sent", {}) if r["event"] == "train" else {}
+            if sent.get("secure_aggregation") != MASKED:
+                continue
+            rnd, site = int(r["data"]["round"]), r["data"]["site"]
+            masked.add((rnd, site))
+            if rnd in in_sum and site not in in_sum[rnd]:
+                problems.append(f"round {rnd}, {site}: the site masked update {_short(sent.get('update_hash'))} "
+                                "but the coordinator's secure sum leaves it out")
+            if sent.get("received_model_hash") != sent_global.get(rnd):
+                problems.append(f"round {rnd}, {site}: the site trained from {_short(sent.get('received_model_hash'))}"
+                                f" but the coordinator sent {_short(sent_global.get(rnd))}")
+            if (rnd, site) in weighed and weighed[(rnd, site)] != sent.get("num_examples"):
+                problems.append(f"round {rnd}, {site}: num-examples {sent.get('num_examples')} sent, "
+                                f"{weighed[(rnd, site)]} recorded")
+    for rnd, names in sorted(in_sum.items()):
+        for site in sorted(names & covered):
+            if (rnd, site) not in masked:
+                problems.append(f"round {rnd}, {site}: the coordinator's secure sum includes it, but the site's "
+                                "ledger records no masked update")
+    return problems
 
 
 def reconcile_ledgers(coordinator: list[dict], sites: list[list[dict]]) -> list[str]:
@@ -227,16 +269,18 @@ def reconcile(
 ) -> None:
     """Every update a site says it sent matches the coordinator's record, and vice versa. Exit 1 on any mismatch."""
     coordinator, sites = read_records(coordinator_ledger), [read_records(p) for p in site_ledgers]
-    problems = (reconcile_ledgers(coordinator, sites) + reconcile_validation(coordinator, sites)
-                + reconcile_analysis(coordinator, sites))
+    problems = (reconcile_ledgers(coordinator, sites) + reconcile_secure(coordinator, sites)
+                + reconcile_validation(coordinator, sites) + reconcile_analysis(coordinator, sites))
     if problems:
         console.print(f"[red bold]MISMATCH[/]: {len(problems)} problem(s)")
         for line in problems:
             console.print(f"  - {line}")
         raise typer.Exit(1)
-    n = len(_updates_by_coordinator(read_records(coordinator_ledger)))
+    n = len(_updates_by_coordinator(coordinator))
+    secure = sum(len(r["data"]["secure_aggregation"]["in_sum"]) for r in coordinator
+                 if r["event"] == "aggregation" and "secure_aggregation" in r["data"])
     console.print(f"[green bold]RECONCILED[/]: {len(site_ledgers)} site ledger(s) agree with the coordinator "
-                  f"({n} updates recorded)")
+                  f"({n} updates recorded" + (f", {secure} in secure sums" if secure else "") + ")")
 
 
 HTML = """<!doctype html><html><head><meta charset="utf-8"><title>{{ name }}</title>

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,13 +25,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.data.demo import write_demo
-from client.data.radiology_demo import write_radiology_demo
 from client.data.tabular import load_cohort
 from client.privacy import sample_plan
 from server import runner
 from server.settings import TASK_DEFAULTS
 from server.summary import find_summary
+from bench_federation import bench_superlink, task_demo  # a sibling: the benchmarks run as scripts
 
 APP_DIR = Path(__file__).resolve().parent.parent
 BENCH_PORTS = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39591", "FLWR_LOCAL_CONTROL_API_PORT": "39593"}
@@ -83,31 +81,24 @@ def main(
     """ε against AUC, side by side, for each task."""
     started = time.perf_counter()
     rows: list[tuple] = []
-    with tempfile.TemporaryDirectory(prefix="fedhosp-bench-dp-") as tmp_name:
-        tmp = Path(tmp_name)
-        env, uri = runner.isolated_env(tmp, BENCH_PORTS)
-        with runner.local_superlink(env):
-            for task in [t.strip() for t in tasks.split(",") if t.strip()]:
-                root = tmp / task
-                if task == "oncology":
-                    write_demo(root, sites, seed)
-                else:
-                    write_radiology_demo(root, sites, seed)
-                base = {"task": task, "data-root": str(root), "num-server-rounds": rounds, "seed": seed,
-                        "mlflow-uri": uri, "mlflow-experiment": f"bench-dp-{task}", "local-epochs": 2,
-                        **({"endpoint": "response"} if task == "oncology" else {"target": "kl-grade"})}
-                batch = TASK_DEFAULTS[task]["batch_size"]
-                units = units_of(task, root, seed, 64)
-                for target in TARGETS:
-                    overrides = dict(base)
-                    noise = 0.0
-                    if math.isfinite(target):
-                        noise = noise_for(target, units, batch, 2, rounds)
-                        overrides.update({"dp": True, "dp-noise-multiplier": noise, "dp-max-grad-norm": max_grad_norm,
-                                          "dp-delta": DELTA})
-                    result = run(env, uri, overrides, sites)
-                    console.log(f"{task} target ε {target:g}: {result}")
-                    rows.append((task, target, noise, min(units), result))
+    with bench_superlink("fedhosp-bench-dp-", BENCH_PORTS) as (tmp, env, uri):
+        for task in [t.strip() for t in tasks.split(",") if t.strip()]:
+            root = task_demo(task, tmp / task, sites, seed)
+            base = {"task": task, "data-root": str(root), "num-server-rounds": rounds, "seed": seed,
+                    "mlflow-uri": uri, "mlflow-experiment": f"bench-dp-{task}", "local-epochs": 2,
+                    **({"endpoint": "response"} if task == "oncology" else {"target": "kl-grade"})}
+            batch = TASK_DEFAULTS[task]["batch_size"]
+            units = units_of(task, root, seed, 64)
+            for target in TARGETS:
+                overrides = dict(base)
+                noise = 0.0
+                if math.isfinite(target):
+                    noise = noise_for(target, units, batch, 2, rounds)
+                    overrides.update({"dp": True, "dp-noise-multiplier": noise, "dp-max-grad-norm": max_grad_norm,
+                                      "dp-delta": DELTA})
+                result = run(env, uri, overrides, sites)
+                console.log(f"{task} target ε {target:g}: {result}")
+                rows.append((task, target, noise, min(units), result))
     table = Table(title=f"privacy vs utility: {sites} demo sites, {rounds} rounds × 2 local epochs, seed {seed}, "
                         f"δ = {DELTA:g}, clip {max_grad_norm:g}")
     for column in ("task", "target ε", "noise multiplier", "smallest site (patients)", "ε reached (max over sites)",

@@ -38,7 +38,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,14 +46,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.data.demo import write_demo
-from client.data.radiology_demo import write_radiology_demo
 from models.ledger import read_records
 from models.metrics import PRIMARY
 from server import checkpoint as ckpt
 from server import runner
 from server.settings import RunSettings
 from server.summary import find_summary
+from bench_federation import bench_superlink, task_demo  # a sibling: the benchmarks run as scripts
 
 APP_DIR = Path(__file__).resolve().parent.parent
 BENCH_PORTS = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39891", "FLWR_LOCAL_CONTROL_API_PORT": "39893"}
@@ -160,35 +158,28 @@ def main(
     started = time.perf_counter()
     results: dict[tuple[str, str], dict] = {}
     norm_bound = RunSettings().secure_update_norm
-    with tempfile.TemporaryDirectory(prefix="fedhosp-bench-secure-") as tmp_name:
-        tmp = Path(tmp_name)
-        env, uri = runner.isolated_env(tmp, BENCH_PORTS)
-        with runner.local_superlink(env):
-            for task in [t.strip() for t in tasks.split(",") if t.strip()]:
-                root = tmp / task
-                if task == "oncology":
-                    write_demo(root, sites, seed)
-                else:
-                    write_radiology_demo(root, sites, seed)
-                base = {**TASK_CONFIG[task], "data-root": str(root), "num-server-rounds": rounds, "seed": seed,
-                        "mlflow-uri": uri, "mlflow-experiment": f"bench-secure-{task}"}
+    with bench_superlink("fedhosp-bench-secure-", BENCH_PORTS) as (tmp, env, uri):
+        for task in [t.strip() for t in tasks.split(",") if t.strip()]:
+            root = task_demo(task, tmp / task, sites, seed)
+            base = {**TASK_CONFIG[task], "data-root": str(root), "num-server-rounds": rounds, "seed": seed,
+                    "mlflow-uri": uri, "mlflow-experiment": f"bench-secure-{task}"}
+            for mode in MODES:
+                overrides = {**base, **({"secure-aggregation": True} if mode == "secure" else {})}
+                result = run(env, uri, overrides, sites)
+                shown = {k: v for k, v in result.items() if k not in ("arrays", "sites", "durations", "bytes")}
+                console.log(f"{task} {mode}: {shown}")
+                results[(task, mode)] = result
+            if first_round and rounds > 1:
                 for mode in MODES:
-                    overrides = {**base, **({"secure-aggregation": True} if mode == "secure" else {})}
+                    overrides = {**base, "num-server-rounds": 1,
+                                 **({"secure-aggregation": True} if mode == "secure" else {})}
                     result = run(env, uri, overrides, sites)
-                    shown = {k: v for k, v in result.items() if k not in ("arrays", "sites", "durations", "bytes")}
-                    console.log(f"{task} {mode}: {shown}")
-                    results[(task, mode)] = result
-                if first_round and rounds > 1:
-                    for mode in MODES:
-                        overrides = {**base, "num-server-rounds": 1,
-                                     **({"secure-aggregation": True} if mode == "secure" else {})}
-                        result = run(env, uri, overrides, sites)
-                        done = result.get("error") or f"{result['seconds']:.0f} s"
-                        console.log(f"{task} {mode}, one round: {done}")
-                        results[(task, f"{mode}-1")] = result
-                elif first_round:
-                    results[(task, "plain-1")], results[(task, "secure-1")] = results[(task, "plain")], \
-                        results[(task, "secure")]
+                    done = result.get("error") or f"{result['seconds']:.0f} s"
+                    console.log(f"{task} {mode}, one round: {done}")
+                    results[(task, f"{mode}-1")] = result
+            elif first_round:
+                results[(task, "plain-1")], results[(task, "secure-1")] = results[(task, "plain")], \
+                    results[(task, "secure")]
     report(results, sites=sites, rounds=rounds, seed=seed, first_round=first_round, norm_bound=norm_bound)
     print(f"(benchmark wall time {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores)")
 

@@ -4,6 +4,7 @@ the nodes bound their own updates and their policy can insist on it."""
 from __future__ import annotations
 
 import glob
+import json
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
 from client.data import demo
 from client.policy import SitePolicy
@@ -21,6 +23,7 @@ from models.builders import build_model, model_hash
 from models.errors import PolicyRefusal, SiteDataError
 from models.ledger import read_records
 from server import runner
+from server.audit import audit_app, reconcile_secure
 from server.secure_aggregation import MIN_SITES, quantisation_step
 from server.settings import RunSettings
 from server.sites import FederationError
@@ -109,6 +112,11 @@ def test_secure_aggregation_is_refused_outside_training_and_below_three_sites():
 
 # ---------------------------------------------------------------- a real federation
 
+def masked_hash(site_records: list[dict]) -> str:
+    return next(r["data"]["sent"]["update_hash"] for r in site_records
+                if r["event"] == "train" and r["data"]["sent"].get("secure_aggregation") == "collect_masked_vectors")
+
+
 def _plain_site_weights(site: Path, name: str, arrays: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
     """What this site's node trains from ``arrays`` with ``config``, run here through the same ClientApp (the
     weights a plain FedAvg round would have sent)."""
@@ -154,6 +162,18 @@ def test_secure_aggregation_equals_fedavg_within_the_quantisation_error_and_no_s
             ["setup", "share_keys", "collect_masked_vectors", "unmask"]
         masked = trains[2]["sent"]
         assert masked["received_model_hash"] == start["global_model_hash"] and masked["update_scale"] == 1.0
+
+    # an auditor reconciles the ledgers: every masked update in the sum, trained from the global model sent
+    site_ledgers = [home / "site-ledgers" / n / f"run-{outcome.run_id}.jsonl" for n in names]
+    audited = CliRunner().invoke(audit_app, ["reconcile", str(home / "ledgers" / f"run-{outcome.run_id}.jsonl"),
+                                             *map(str, site_ledgers)], env={"COLUMNS": "200"})
+    assert audited.exit_code == 0 and "3 in secure sums" in audited.output, audited.output
+    sites_records = [read_records(p) for p in site_ledgers]
+    dropped = [json.loads(json.dumps(r)) for r in records]  # a coordinator that left a site out of the sum
+    next(r for r in dropped if r["event"] == "aggregation")["data"]["secure_aggregation"]["in_sum"].remove(names[0])
+    assert reconcile_secure(dropped, sites_records) == [
+        f"round 1, {names[0]}: the site masked update {masked_hash(sites_records[0])[:12]} but the coordinator's "
+        "secure sum leaves it out"]
 
     # FedAvg of the same sites' plain updates, computed here
     model = build_model("oncology", "linear", endpoint="survival", num_features=len(demo.FEATURES))

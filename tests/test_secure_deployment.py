@@ -9,9 +9,11 @@ import threading
 import time
 
 import pytest
+from typer.testing import CliRunner
 
 from client.data import demo
 from models.ledger import read_records
+from server.audit import audit_app
 from server.deploy import deploy_local, run_on
 from tests.conftest import APP_DIR
 from tests.test_deployment import cold_train_message_seconds
@@ -83,5 +85,11 @@ def test_five_hardened_sites_aggregate_securely_when_one_supernode_dies_mid_roun
         stages = [r["data"]["sent"].get("secure_aggregation") for r in site if r["event"] == "train"]
         assert stages == ["setup", "share_keys", "collect_masked_vectors", "unmask"], stages
     assert victim_stages() == ["setup", "share_keys"]
+    # an auditor's reconciliation agrees: four masked updates in the sum, the victim's none
+    ledgers = [d.workdir / "sites" / n / "ledger" / f"run-{outcome.run_id}.jsonl" for n in names]
+    audited = CliRunner().invoke(audit_app, ["reconcile", str(d.workdir / "coordinator" / "ledgers" /
+                                                              f"run-{outcome.run_id}.jsonl"), *map(str, ledgers)],
+                                 env={"COLUMNS": "200"})
+    assert audited.exit_code == 0 and "4 in secure sums" in audited.output, audited.output
     print(f"secure round with one of five sites lost: protocol {secure['protocol_seconds']:.1f} s "
           f"(round timeout {round_timeout:.0f} s)")
