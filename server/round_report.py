@@ -7,6 +7,12 @@ the round took. A reply is attributed to a site by the node its instruction
 was sent to (``reply_to_message_id``), so an error the SuperLink writes for a
 vanished node is attributed exactly, never guessed.
 
+A wrapped strategy that runs the round's training itself (``runs_the_round``:
+secure aggregation, server/secure_aggregation.py) sends nothing from
+``configure_train``; its ``planned`` messages name the sampled sites and its
+``replies`` (metrics only, or errors) are recorded as the round's updates, with
+its protocol record (who is in the sum, who was left out) on ``aggregation``.
+
 Ledger events per round: ``round-start`` (sampled sites, config, hash of the
 global model sent), ``update`` / ``update-failed`` per site,
 ``update-rejected`` (the guard), ``aggregation`` or ``round-skipped``,
