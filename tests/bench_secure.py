@@ -22,8 +22,8 @@ coordinator's ledger (``$FEDHOSP_HOME/ledgers/run-<id>.jsonl``):
   (the CNN's does), so the final difference is not bounded by it; the same
   difference after one round (two more one-round runs per task, ``--no-first-round``
   skips them) is the figure the bound is for. Flower's SecAgg+ quantises with
-  stochastic rounding (numpy's global generator, not seeded by the run), so the
-  secure rows vary a little between invocations; the plain runs repeat exactly;
+  stochastic rounding, which the node seeds by the run's seed, the round and the
+  site (client/secure_update.py), so secure runs repeat as plain ones do;
 - the largest and the median L2 norm of the sites' updates before masking (the
   sites' own ledgers, ``collect_masked_vectors`` stage) against
   ``secure-update-norm``, and how many were scaled down to it (``update_scale < 1``);
@@ -244,8 +244,8 @@ def report(results: dict[tuple[str, str], dict], *, sites: int, rounds: int, see
         if mode in MODES and (result.get("left_out") or result.get("skipped")):
             print(f"note: {task} {mode}: {result['left_out']} site-round(s) left out of the secure sum, "
                   f"{result['skipped']} round(s) skipped")
-    print("SecAgg+ quantises with stochastic rounding (numpy's global generator, not seeded by the run): the secure "
-          "rows vary a little from one invocation to the next; the plain rows repeat exactly.")
+    print("SecAgg+ quantises with stochastic rounding, seeded on each node by the run's seed, the round and the "
+          "site: the secure rows repeat like the plain ones.")
 
 
 if __name__ == "__main__":

@@ -88,14 +88,15 @@ def _own_fedhosp_home(tmp_path, monkeypatch):
 # Heaviest first (seconds, with two workers on a quiet machine, 2026-12-03), so that the xdist workers share the
 # long federations evenly and the quick unit tests fill the gaps at the end; every worker collects the same order.
 WEIGHTS = {
-    "test_five_hardened_sites": 190, "test_a_site_privacy_budget": 168, "test_a_supernode_killed": 156,
-    "test_tls_node_auth": 141, "test_planted_identifiers": 132, "test_a_node_pinning_apps": 80,
-    "test_radiology_simulation": 65, "test_secure_aggregation_equals": 60, "test_a_killed_coordinator": 50,
-    "test_validation_verdicts_report": 50, "test_poisoned_updates": 45, "test_single_site_intervals": 40,
-    "test_main_job": 40, "test_response_endpoint": 35, "test_cross_site_matrix": 33, "test_the_newton_strategy": 20,
+    "test_a_site_privacy_budget": 182, "test_a_supernode_killed": 176, "test_tls_node_auth": 174,
+    "test_five_hardened_sites": 167, "test_planted_identifiers": 149, "test_a_killed_coordinator": 68,
+    "test_a_node_pinning_apps": 66, "test_validation_verdicts_report": 50, "test_poisoned_updates": 50,
+    "test_cross_site_matrix": 40, "test_radiology_simulation": 38, "test_main_job": 32,
+    "test_secure_aggregation_equals": 32, "test_single_site_intervals": 28, "test_response_endpoint": 27,
+    "test_the_newton_strategy": 25,
     # one shared analysis federation: its first reader builds it early, the others read it at the end
-    "test_an_analysis_prints": 36, "test_an_unknown_column": 15, "test_bad_site_data": 27, "test_densenet121": 12,
-    "test_an_oncology_train": 10,
+    "test_an_analysis_prints": 26, "test_an_unknown_column": 15, "test_bad_site_data": 27, "test_densenet121": 7,
+    "test_an_oncology_train": 7,
 }
 
 
