@@ -74,10 +74,11 @@ def train(msg: Message, context: Context) -> Message:
     current = visit()
     task, site = current.task, current.site
     data = _open(current)
-    secure = None
+    secure, model = None, None
     if secure_update.FITINS_ARRAYS in msg.content.array_records:
         context.state.config_records.pop(secure_update.SENT, None)
-        secure = secure_update.instruction(msg, list(task.build(data).state_dict()))
+        model = task.build(data)  # its names order the arrays the legacy FitIns carries
+        secure = secure_update.instruction(msg, list(model.state_dict()))
         cfg = secure.config
         global_state = {k: torch.from_numpy(v.copy()) for k, v in secure.arrays.items()}
     else:
@@ -89,7 +90,8 @@ def train(msg: Message, context: Context) -> Message:
         return _newton_step(msg, data)
     if budget is not None:  # refuse a round the budget cannot carry, before any training
         budget.policy.check_privacy(site.name, True, server_round, budget.after(0), budget.after(1))
-    model = task.build(data)
+    if model is None:
+        model = task.build(data)
     model.load_state_dict(global_state if secure is not None else msg.content["arrays"].to_torch_state_dict())
     settings = TrainSettings(
         local_epochs=int(cfg["local-epochs"]),
