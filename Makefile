@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 export FEDHOSP_HOME ?= $(CURDIR)/.fedhosp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install system-deps demo test distclean bench bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis bench-privacy bench-secure deploy-local clean
+.PHONY: install system-deps demo test distclean bench bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis bench-privacy bench-secure bench-decode bench-pacs deploy-local clean
 SITES ?= 3
 ROUNDS ?= 3
 TASK ?= oncology
@@ -28,10 +28,19 @@ $(VENV_STORE)/.installed: pyproject.toml
 
 install: $(VENV_STORE)/.installed
 
-# Debian packages the suite needs: headless Chromium opens the analysis report (tests/test_analysis_federation.py).
+# Debian packages the suite needs: headless Chromium opens the analysis report (tests/test_analysis_federation.py);
+# Orthanc and its DICOMweb plugin are the PACS of tests/test_pacs.py, which starts its own Orthanc processes on free
+# ports: Debian's service is kept from starting (a policy-rc.d that denies, only for the install, where none is).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="chromium"; \
+	{ [ -x /usr/sbin/Orthanc ] && [ -e $(ORTHANC_DICOMWEB) ]; } || missing="$$missing orthanc orthanc-dicomweb"; \
+	[ -z "$$missing" ] || { \
+	  denied=""; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null \
+	    && $(SUDO) chmod 755 /usr/sbin/policy-rc.d && denied=1; }; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  status=$$?; [ -z "$$denied" ] || $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status; }
 
 demo: install
 	$(BIN)/fedhosp run --sites 5 $(ARGS)
@@ -39,7 +48,7 @@ demo: install
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis bench-privacy bench-secure
+bench: bench-oncology bench-radiology bench-robustness bench-overhead bench-analysis bench-privacy bench-secure bench-decode bench-pacs
 
 bench-oncology: install
 	$(BIN)/python tests/bench_oncology.py $(ARGS)
@@ -62,6 +71,14 @@ bench-privacy: install
 # Secure aggregation (SecAgg+) vs plain FedAvg, 5 demo sites: round wall time, bytes per site, model difference.
 bench-secure: install
 	$(BIN)/python tests/bench_secure.py $(ARGS)
+
+# DICOM pixel decoding per transfer syntax and plugin (a radiograph-sized image and pydicom's samples): images/s, MB/s.
+bench-decode: install
+	$(BIN)/python tests/bench_decode.py $(ARGS)
+
+# Retrieval from a PACS (Orthanc on 127.0.0.1, DICOMweb and DIMSE): instances/s cold and incremental.
+bench-pacs: install system-deps
+	$(BIN)/python tests/bench_pacs.py $(ARGS)
 
 # The plainest Flower app of the same shape vs `flwr run .` vs `fedhosp run`: wall time and peak RSS.
 bench-overhead: install

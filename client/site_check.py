@@ -6,7 +6,9 @@ The check runs on the node and prints locally: hospital IT sees how many images 
 patients are usable, what was skipped and why, the class balance and a data
 fingerprint (a SHA-256 over the data's content, never names or identifiers) to
 tell later whether the data changed. A radiology check fills the node's image
-cache, so the first round does not decode again.
+cache, so the first round does not decode again; for a PACS site (client/data/pacs.py)
+it first retrieves the new instances into that cache and says how many it found,
+retrieved, already held and could not retrieve.
 """
 
 from __future__ import annotations
@@ -50,11 +52,19 @@ def check(
     features: Annotated[str, typer.Option(help="Oncology: the run's declared feature columns (comma-separated), "
                                                "as run-config features; empty = every numeric column.")] = "",
     policy: Annotated[Path | None, typer.Option(help="The node's policy file (its min-examples is checked).")] = None,
+    pacs: Annotated[str, typer.Option(help="Radiology from a PACS: node config pacs (a DICOMweb URL or AET@host:port; "
+                                           "default: url in the folder's pacs.toml, which holds the query).")] = "",
+    pacs_credentials: Annotated[Path | None, typer.Option(help="Node config pacs-credentials: a file holding "
+                                                               "user:password or a bearer token.")] = None,
+    pacs_aet: Annotated[str, typer.Option(help="Node config pacs-aet: our AE title for a DIMSE PACS.")] = "",
+    cache_dir: Annotated[Path | None, typer.Option(help="Node config cache-dir (default: "
+                                                        "$FEDHOSP_HOME/cache/radiology).")] = None,
 ) -> None:
-    """Print usable and skipped data, class balance and the data fingerprint.
+    """Print usable and skipped data, class balance and the data fingerprint; for a PACS site (pacs.toml in the
+    folder, or --pacs) first the instances found, retrieved now, already cached and not retrieved.
 
     Exit 1 if nothing is usable, or if the node would refuse to join: identifier-like columns that no declared
-    ``features`` list covers, or fewer patients or images than the policy's minimum.
+    ``features`` list covers, or fewer patients or images than the policy's minimum; or if the PACS cannot be read.
     """
     console = Console()
     name = site or folder.resolve().name
@@ -63,8 +73,10 @@ def check(
     try:
         minimum = SitePolicy.load(policy, name).min_examples
         declared = [c.strip() for c in features.split(",") if c.strip()]
+        node_config = {k: str(v) for k, v in {"pacs": pacs, "pacs-credentials": pacs_credentials,
+                                               "pacs-aet": pacs_aet}.items() if v}
         usable = _oncology(console, folder, name, declared, minimum) if task is Task.oncology else _radiology(
-            console, folder, name, image_size, minimum)
+            console, folder, name, image_size, minimum, node_config, cache_dir)
     except SiteDataError as exc:
         Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(exc)))
         raise typer.Exit(1) from None
@@ -151,17 +163,32 @@ def _problem(console: Console, text: str) -> None:
     console.print(Text.assemble(("problem: ", "bold red"), text))
 
 
-def _radiology(console: Console, folder: Path, name: str, image_size: int, minimum: int) -> int:
-    from client.data import dicom  # pydicom and torch only when a radiology folder is checked
+def _radiology(console: Console, folder: Path, name: str, image_size: int, minimum: int, node_config: dict,
+               cache_dir: Path | None) -> int:
+    from client.data import dicom, pacs  # pydicom and torch only when a radiology folder is checked
 
-    report = dicom.site_report(folder, name, image_size)
+    source = pacs.pacs_source(folder, name, node_config)
+    images = None
+    if source is not None:  # a PACS site: its instances into the node's cache first, then as a folder
+        synced = pacs.sync(source, pacs.cache_folder(cache_dir))
+        images = synced.folder
+        table = _table(f"site {name}: PACS {synced.pacs}", "", "")
+        table.add_row("instances found", str(synced.found))
+        table.add_row("retrieved now", str(synced.retrieved))
+        table.add_row("already cached", str(synced.cached))
+        table.add_row("not retrieved (gone, or a SOP class not offered)", str(synced.not_retrieved))
+        table.add_row("removed (no longer found)", str(synced.removed))
+        rate = f" ({synced.retrieved / synced.retrieval_seconds:.0f} instances/s)" if synced.retrieved else ""
+        table.add_row("sync time", f"{synced.seconds:.1f} s{rate}")
+        console.print(table)
+    report = dicom.site_report(folder, name, image_size, cache_dir, images)
     summary = _table(f"site {name}: radiology", "", "")
     summary.add_row("usable images", str(report["usable"]))
     summary.add_row("patients", str(report["patients"]))
     summary.add_row(f"{dicom.LABELS_FILE} rows without an image", str(report["unmatched_labels"]))
     summary.add_row("images decoded now (not cached)", str(report["decoded"]))
     console.print(summary)
-    _print_skipped(console, report["skipped"], "files")
+    _print_skipped(console, report["skipped"], "files" if images is None else "instances")
     balance = _table("class balance", "KL grade", "images")
     for grade, count in report["class_counts"].items():
         balance.add_row(str(grade), _share(count, report["usable"]))

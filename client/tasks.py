@@ -109,9 +109,12 @@ class RadiologyTask:
 
     def load(self, site: Site, validation: bool = False):
         from client.data.dicom import load_radiology_site
+        from client.data.pacs import synced_images
 
+        images = synced_images(site.folder, site.name, self.node_config, self.cache_dir)  # None: a folder site
         return load_radiology_site(site.folder, site.name, image_size=self.image_size, seed=self.seed,
-                                   target=self.target, cache_dir=self.cache_dir, validation=validation)
+                                   target=self.target, cache_dir=self.cache_dir, validation=validation,
+                                   images=images)
 
     def describe(self, data) -> tuple[list[str], dict[str, float]]:
         return [], {"skipped-rows": sum(data.skipped.values())}

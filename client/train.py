@@ -168,9 +168,11 @@ def tabular_predictions(out: np.ndarray, data, endpoint: str) -> Predictions:
 
 
 def image_predictions(logits: np.ndarray, data, target: str) -> Predictions:
-    """A split with the class probabilities (kl-grade), or P(referral) (referral), and the patients."""
+    """A split with the class probabilities (kl-grade), or P(class 1) (referral, binary), and the patients."""
+    from models.radiology import BINARY_TARGETS
+
     prob = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-    score = prob[:, 1] if target == "referral" else prob
+    score = prob[:, 1] if target in BINARY_TARGETS else prob
     return Predictions(target, score, data.labels, clusters=data.patients, groups=data.groups)
 
 

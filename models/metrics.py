@@ -9,9 +9,9 @@ split are the same number.
 
 The decision rule, wherever a case is classified:
 
-* binary outcomes (``response``, ``referral``): the score is P(positive) (the
-  sigmoid of a response logit, the softmax's positive-class column for
-  referral) and a case is positive iff ``P(positive) >= threshold``
+* binary outcomes (``response``, ``referral``, ``binary``): the score is P(positive)
+  (the sigmoid of a response logit, the softmax's positive-class column for
+  referral and binary) and a case is positive iff ``P(positive) >= threshold``
   (:func:`positive`); the threshold is 0.5 (:data:`THRESHOLD`) unless the
   model's spec says otherwise (a validation's ``threshold``). A two-class
   softmax is not classified by argmax: at P = 0.5 exactly the case is positive.
@@ -41,12 +41,13 @@ CONFIDENCE = 0.95
 BINS = 10
 THRESHOLD = 0.5  # the default operating threshold on P(positive)
 # The metric a cross-site matrix and a training run's progress show, per outcome.
-PRIMARY = {"survival": "c_index", "response": "auc", "referral": "auc", "kl-grade": "kappa"}
+PRIMARY = {"survival": "c_index", "response": "auc", "referral": "auc", "binary": "auc", "kl-grade": "kappa"}
 # The metrics a training round's evaluate reports per outcome (a validation reports all of metric_functions').
 ROUND = {
     "survival": ("c_index",),
     "response": ("auc", "accuracy"),
     "referral": ("accuracy", "auc", "sensitivity", "specificity"),
+    "binary": ("accuracy", "auc", "sensitivity", "specificity"),
     "kl-grade": ("accuracy", "auc", "kappa"),
 }
 
@@ -55,7 +56,7 @@ ROUND = {
 class Predictions:
     """One site's test split with the model's outputs; never leaves the node."""
 
-    outcome: str  # survival | response | referral | kl-grade
+    outcome: str  # survival | response | referral | binary | kl-grade
     score: np.ndarray  # survival: risk [n]; binary: P(positive) [n]; kl-grade: class probabilities [n, 5]
     y: np.ndarray  # binary/class labels; survival: event times
     event: np.ndarray | None = None  # survival only
@@ -189,7 +190,7 @@ def metric_functions(outcome: str, threshold: float = THRESHOLD) -> dict[str, Ca
     """The outcome's metrics, each a function of a (resampled) prediction set."""
     if outcome == "survival":
         return {"c_index": lambda p: concordance_index(p.y, p.score, p.event)}
-    if outcome in ("response", "referral"):
+    if outcome in ("response", "referral", "binary"):
         def sensitivity(p):
             return _rate(positive(p.score[p.y == 1], threshold))
 

@@ -1,10 +1,11 @@
 """Radiology models: MONAI networks for knee X-ray grading (their metrics are models/metrics.py's).
 
-Targets: ``kl-grade`` (Kellgren–Lawrence 0–4, five classes) or ``referral``
-(binary: KL >= 2, the patients who should see the orthopaedic specialist).
-Both are trained as softmax classifiers so one loss and one evaluation path
-serve both; a referral model's positive-class probability is then classified
-by models/metrics.py's rule (P >= threshold), not by argmax.
+Targets: ``kl-grade`` (Kellgren–Lawrence 0–4, five classes), ``referral``
+(binary: KL >= 2, the patients who should see the orthopaedic specialist) or
+``binary`` (the site's own 0/1 labels, any finding: labels.csv's ``label`` is
+the class itself). All are trained as softmax classifiers so one loss and one
+evaluation path serve them; a binary model's positive-class probability is then
+classified by models/metrics.py's rule (P >= threshold), not by argmax.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-TARGETS = {"kl-grade": 5, "referral": 2}
+TARGETS = {"kl-grade": 5, "referral": 2, "binary": 2}
+BINARY_TARGETS = ("referral", "binary")  # scored by P(class 1)
 MODELS = ("small-cnn", "densenet121")
 
 

@@ -196,7 +196,8 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
     ``register`` lists the sites whose keys the coordinator registers (default: all), so a test
     can start a node the coordinator does not know. ``mlflow_server=False`` tracks to a SQLite file
     instead (a test about the nodes, not the tracking server). ``launched`` lists the sites whose
-    SuperNode runs under ``--isolation process`` with fedhosp's launcher beside it (as compose/site.yml).
+    SuperNode runs under ``--isolation process`` with fedhosp's launcher beside it (default: every site, as
+    compose/site.yml runs a hospital's node); the others run Flower's own ``flwr-clientapp`` per message.
     """
     workdir = Path(workdir)
     base = runner.runtime_env()
@@ -238,7 +239,7 @@ def deploy_local(workdir: Path, sites: list[str], site_dirs: dict[str, Path], po
             config = {"site-name": site, "data-dir": str(site_dirs[site]), "ledger-dir": str(home / "ledger")}
             if policies and site in policies:
                 config["policy"] = str(policies[site])
-            secret = superexec_secret(home / "keys") if launched and site in launched else None
+            secret = superexec_secret(home / "keys") if launched is None or site in launched else None
             runtime_port = free_port()
             processes.start(f"supernode-{site}", supernode_command(
                 certs / "ca.crt", f"127.0.0.1:{port}", home / "keys" / "node_key", runner.config_arg(config),

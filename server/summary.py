@@ -51,7 +51,7 @@ def find_summary(uri: str, flwr_run_id: int) -> dict | None:
 
 
 METRICS = {"survival": ["c_index"], "response": ["auc", "accuracy"], "kl-grade": ["auc", "kappa", "accuracy"],
-           "referral": ["auc", "sensitivity", "specificity"]}
+           "referral": ["auc", "sensitivity", "specificity"], "binary": ["auc", "sensitivity", "specificity"]}
 
 
 def _fmt(value) -> str:

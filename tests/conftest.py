@@ -93,7 +93,7 @@ WEIGHTS = {
     "test_a_node_pinning_apps": 66, "test_validation_verdicts_report": 50, "test_poisoned_updates": 50,
     "test_cross_site_matrix": 40, "test_radiology_simulation": 38, "test_main_job": 32,
     "test_secure_aggregation_equals": 32, "test_single_site_intervals": 28, "test_response_endpoint": 27,
-    "test_the_newton_strategy": 25,
+    "test_the_newton_strategy": 25, "test_radiology_federation_with_one_site_reading_from_orthanc": 35,
     # one shared analysis federation: its first reader builds it early, the others read it at the end
     "test_an_analysis_prints": 26, "test_an_unknown_column": 15, "test_bad_site_data": 27, "test_densenet121": 7,
     "test_an_oncology_train": 7,

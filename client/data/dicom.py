@@ -3,8 +3,9 @@
 A site folder holds DICOM files anywhere below it (any names, any extension or
 none) and ``labels.csv`` at its root: a ``SOPInstanceUID`` column (or ``file``,
 a path relative to the folder; ``SOPInstanceUID`` wins when both are there), a
-``label`` column (KL grade 0..4), optionally ``split`` (``train``/``test``) and
-``PatientID`` (else the DICOM header's is used).
+``label`` column (KL grade 0..4; for target ``binary`` the class itself, 0 or 1),
+optionally ``split`` (``train``/``test``) and ``PatientID`` (else the DICOM
+header's is used).
 
 Errors raised here are :class:`SiteDataError`; their messages name the site and
 the problem, never a path, a file name, a UID, a PatientID or any other DICOM
@@ -74,7 +75,7 @@ PREPROCESS_VERSION = "1"
 HEADER_VERSION = "2"  # what a cached verdict holds of the header (2: sex and age)
 KL_GRADES = 5
 REFERRAL_GRADE = 2  # KL >= 2: definite osteoarthritis, referred
-TARGETS = {"kl-grade": KL_GRADES, "referral": 2}
+TARGETS = {"kl-grade": KL_GRADES, "referral": 2, "binary": 2}
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 NOT_DICOM = "not DICOM"
@@ -126,6 +127,11 @@ def read_image(path: str | Path, image_size: int) -> np.ndarray:
     return _pixels(_inspect(_read_bytes(Path(path))), image_size)
 
 
+def stored_pixels(path: str | Path) -> np.ndarray:
+    """One file's pixel values as :func:`read_image` decodes them (no LUT, no resampling), or raise :class:`Skip`."""
+    return _decoded(_inspect(_read_bytes(Path(path))), lambda ds: ds.pixel_array)
+
+
 def load_radiology_site(
     folder: str | Path,
     site: str,
@@ -134,14 +140,16 @@ def load_radiology_site(
     target: str = "kl-grade",
     cache_dir: str | Path | None = None,
     validation: bool = False,
+    images: str | Path | None = None,
 ) -> RadiologySite:
     """Read the site folder (through the cache), skip unusable files (counted) and split by patient.
 
     ``validation``: only testing a model, so ``labels.csv`` may mark every image ``test``.
+    ``images``: where the DICOM files are, when not in the site folder (a PACS site's copy, client/data/pacs.py).
     """
     if target not in TARGETS:
         raise ValueError(f"unknown radiology target {target!r}; expected one of {sorted(TARGETS)}")
-    scan = _scan(Path(folder), site, image_size, cache_dir)
+    scan = _scan(Path(folder), site, image_size, cache_dir, images)
     if not scan.images:
         raise SiteDataError(f"site {site}: no usable images in the site's data folder ({_summary(scan.skipped)})")
     is_test = _test_mask(scan, seed, site)
@@ -149,6 +157,8 @@ def load_radiology_site(
     if (n_train < 2 and not validation) or n_test < 1:
         raise SiteDataError(f"site {site}: too few usable images ({n_train} train, {n_test} test)")
     grades = np.array([image.grade for image in scan.images], dtype=np.int64)
+    if target == "binary" and grades.max() > 1:  # KL grades read as classes would train a wrong model
+        raise SiteDataError(f"site {site}: target 'binary' needs labels 0 and 1; {LABELS_FILE} holds other values")
     labels = (grades >= REFERRAL_GRADE).astype(np.int64) if target == "referral" else grades
     pixels = np.stack([image.pixels for image in scan.images])[:, None].astype(np.float32)
     vendors = [vendor_group(image.vendor) for image in scan.images]  # the only use of the header's free text
@@ -165,9 +175,10 @@ def load_radiology_site(
                          {k: int(n) for k, n in enumerate(counts)}, scan.fingerprint, scan.decoded)
 
 
-def site_report(folder: str | Path, site: str, image_size: int = 64, cache_dir: str | Path | None = None) -> dict:
+def site_report(folder: str | Path, site: str, image_size: int = 64, cache_dir: str | Path | None = None,
+                images: str | Path | None = None) -> dict:
     """What the node would use, for people checking a site folder; it never raises for unusable images."""
-    scan = _scan(Path(folder), site, image_size, cache_dir)
+    scan = _scan(Path(folder), site, image_size, cache_dir, images)
     grades = np.bincount([image.grade for image in scan.images], minlength=KL_GRADES)
     return {
         "site": site,
@@ -257,13 +268,32 @@ def _int(ds: Dataset, keyword: str, default: int) -> int:
         raise Skip(UNREADABLE) from None
 
 
+# Public transfer syntaxes newer than pydicom's dictionary, so that a skip reason can name them.
+NEWER_SYNTAXES = {
+    "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+    "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+    "1.2.840.10008.1.2.4.112": "JPEG XL",
+    "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression",
+}
+
+
 def _require_decoder(syntax: pydicom.uid.UID) -> None:
+    """Pass every syntax pydicom can decode here (with our pylibjpeg plugins, all it has a decoder for).
+
+    A skip names the syntax by the standard's name only: a private or unknown UID reads "unknown", never itself.
+    """
     try:
         decoder = get_decoder(syntax)
-    except NotImplementedError:  # private or unknown syntax; its UID is not shown
-        raise Skip(f"{UNSUPPORTED_SYNTAX}: unknown (needs a pixel data decoder)") from None
+    except NotImplementedError:  # pydicom has no decoder for it, whatever is installed
+        raise Skip(f"{UNSUPPORTED_SYNTAX}: {_syntax_name(syntax)} (no decoder)") from None
     if not decoder.is_available:
         raise Skip(f"{UNSUPPORTED_SYNTAX}: {syntax.name} (needs {_plugins(decoder.missing_dependencies)})")
+
+
+def _syntax_name(syntax: pydicom.uid.UID) -> str:
+    if str(syntax) in NEWER_SYNTAXES:
+        return NEWER_SYNTAXES[str(syntax)]
+    return syntax.name if syntax.type == "Transfer Syntax" else "unknown"
 
 
 def _plugins(missing: list[str]) -> str:
@@ -276,13 +306,18 @@ def _plugins(missing: list[str]) -> str:
 
 
 def _pixels(ds: Dataset, image_size: int) -> np.ndarray:
+    values, spacing = _decoded(ds, lambda ds: (_display_values(ds), _spacing(ds)))
+    return _standardise(_isotropic_square(values, spacing, image_size))
+
+
+def _decoded(ds: Dataset, step):
+    """``step(ds)``, which decodes the pixel data: any failure in it is the file's, counted as unreadable."""
     try:
         with warnings.catch_warnings(action="ignore"):  # pydicom logs its notes as well
-            values, spacing = _display_values(ds), _spacing(ds)
+            return step(ds)
     except Exception as exc:
         log.debug("pixel data cannot be decoded (%s: %s)", type(exc).__name__, exc)
         raise Skip(UNREADABLE) from None
-    return _standardise(_isotropic_square(values, spacing, image_size))
 
 
 def _display_values(ds: Dataset) -> np.ndarray:
@@ -436,17 +471,21 @@ class _Scan:
     decoded: int
 
 
-def _scan(folder: Path, site: str, image_size: int, cache_dir: str | Path | None) -> _Scan:
+def _scan(folder: Path, site: str, image_size: int, cache_dir: str | Path | None,
+          images_dir: str | Path | None = None) -> _Scan:
     labels = _read_labels(folder, site)
+    source = Path(images_dir) if images_dir else folder  # a PACS site's files are the node's copy, in the cache
+    if images_dir and labels.by != UID_COLUMN:
+        raise SiteDataError(f"site {site}: a PACS site's {LABELS_FILE} must name images by '{UID_COLUMN}'")
     cache = _Cache(Path(cache_dir) if cache_dir else fedhosp_home() / "cache" / "radiology")
     decoded: list[str] = []  # the files whose pixels this scan decoded (missed the cache)
     images: list[_Image] = []
     skipped: Counter[str] = Counter()
     matched: set[str] = set()
     used_uids: set[str] = set()
-    for path in _candidates(folder, cache.root):
+    for path in _candidates(source, cache.root):
         try:
-            images.append(_load(path, folder, labels, matched, used_uids, image_size, cache, decoded))
+            images.append(_load(path, source, labels, matched, used_uids, image_size, cache, decoded))
         except Skip as skip:
             log.debug("site %s: skipped %s (%s)", site, path, skip.reason)
             skipped[skip.reason] += 1
@@ -461,10 +500,12 @@ def _scan(folder: Path, site: str, image_size: int, cache_dir: str | Path | None
 
 
 def _candidates(folder: Path, cache_root: Path) -> list[Path]:
-    """Every file below the folder but labels.csv (and the cache, should it live inside)."""
+    """Every file below the folder but labels.csv (and the cache, should it live inside, unless the folder is
+    a PACS site's copy in the cache)."""
     labels = folder / LABELS_FILE
+    in_cache = folder.resolve().is_relative_to(cache_root)
     return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p != labels and not p.resolve().is_relative_to(cache_root))
+                  if p.is_file() and p != labels and (in_cache or not p.resolve().is_relative_to(cache_root)))
 
 
 def _load(path: Path, folder: Path, labels: _Labels, matched: set[str], used_uids: set[str],
