@@ -19,8 +19,8 @@ It trusts the hospital's installed fedhosp (this module, client/policy.py, clien
 
 A fresh ``flwr-clientapp`` process spends about 3 of its 4 seconds here importing Flower's runtime and torch,
 for every message. The launcher's task processes come from a fork server (:mod:`multiprocessing`'s
-``forkserver``) that imported those once (:data:`WARM_MODULES`: Flower, torch, NumPy, pandas and this module, no
-app code), so a message pays for its own work only. Each task is still a process of its own, started from that
+``forkserver``) that imported those once (:data:`WARM_MODULES`: Flower, torch, NumPy and pandas, no app
+code), so a message pays for its own work only. Each task is still a process of its own, started from that
 clean, single-threaded server, and imports the app from its FAB after the check, as before.
 """
 
@@ -52,8 +52,9 @@ TASK = "task"  # the per-task mode: ``python -m client.launcher task <flwr-clien
 # own packages of the same names come from the folder Flower installs the FAB in.
 FEDHOSP_PACKAGES = ("client", "models", "server")
 # Imported once by the fork server the task processes start from: what every task imports before the app's code.
+# (Not this module: a task process runs it afresh as multiprocessing's main module, which it is in the launcher.)
 WARM_MODULES = ("flwr.supernode.runtime.run_clientapp", "flwr.supercore.runtime", "flwr.app", "torch", "numpy",
-                "pandas", "client.launcher")
+                "pandas")
 
 
 class CheckingExecutor(SubprocessExecutor):

@@ -85,18 +85,18 @@ def _own_fedhosp_home(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDHOSP_HOME", str(tmp_path / "fedhosp-home"))
 
 
-# Heaviest first (seconds, with two workers on a quiet machine, 2026-12-03), so that the xdist workers share the
+# Heaviest first (seconds, with three workers beside other work, 2026-12-06), so that the xdist workers share the
 # long federations evenly and the quick unit tests fill the gaps at the end; every worker collects the same order.
 WEIGHTS = {
-    "test_a_site_privacy_budget": 182, "test_a_supernode_killed": 176, "test_tls_node_auth": 174,
-    "test_five_hardened_sites": 167, "test_planted_identifiers": 149, "test_a_killed_coordinator": 68,
-    "test_a_node_pinning_apps": 66, "test_validation_verdicts_report": 50, "test_poisoned_updates": 50,
-    "test_cross_site_matrix": 40, "test_radiology_simulation": 38, "test_main_job": 32,
-    "test_secure_aggregation_equals": 32, "test_single_site_intervals": 28, "test_response_endpoint": 27,
-    "test_the_newton_strategy": 25, "test_radiology_federation_with_one_site_reading_from_orthanc": 35,
+    "test_planted_identifiers": 265, "test_five_hardened_sites": 202, "test_a_site_privacy_budget": 195,
+    "test_a_supernode_killed": 182, "test_tls_node_auth": 181, "test_cross_site_matrix": 128,
+    "test_radiology_simulation": 115, "test_validation_verdicts_report": 95, "test_poisoned_updates": 88,
+    "test_a_killed_coordinator": 87, "test_a_node_pinning_apps": 75,
+    "test_radiology_federation_with_one_site_reading_from_orthanc": 57, "test_main_job": 54,
+    "test_single_site_intervals": 49, "test_secure_aggregation_equals": 49, "test_response_endpoint": 46,
     # one shared analysis federation: its first reader builds it early, the others read it at the end
-    "test_an_analysis_prints": 26, "test_an_unknown_column": 15, "test_bad_site_data": 27, "test_densenet121": 7,
-    "test_an_oncology_train": 7,
+    "test_an_analysis_prints": 42, "test_densenet121": 42, "test_an_unknown_column": 41, "test_bad_site_data": 41,
+    "test_the_newton_strategy": 33, "test_the_budget_refuses_the_round": 29, "test_an_oncology_train": 16,
 }
 
 
