@@ -116,8 +116,13 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def train_images(model: nn.Module, data, cfg: TrainSettings, server_round: int, site: str,
                  augment: bool = True) -> dict[str, float]:
     """Train on ``cfg.device``: the model moves there, each (augmented, on the CPU) batch follows it;
-    the weights come back to host memory for the reply."""
+    the weights come back to host memory for the reply.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) go back as they came: with BatchNorm's momentum they
+    steer nothing, and a count of this site's minibatches would make every distance between updates (the update
+    checks, Krum, Bulyan) measure the sites' sizes instead of what they learnt."""
     device = torch.device(cfg.device)
+    counters = {name: b.clone() for name, b in model.named_buffers() if not b.is_floating_point()}
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     loss_fn = nn.CrossEntropyLoss()
     model.to(device)
@@ -138,6 +143,9 @@ def train_images(model: nn.Module, data, cfg: TrainSettings, server_round: int, 
         return fit(model, len(rows), batch_loss, cfg, server_round, site)
     finally:
         model.to("cpu")
+        for name, buffer in model.named_buffers():
+            if name in counters:
+                buffer.copy_(counters[name])
 
 
 def one_image_per_patient(patients: np.ndarray, generator: torch.Generator) -> torch.Tensor:

@@ -302,4 +302,4 @@ def _added(current: np.ndarray, update: np.ndarray | None) -> np.ndarray:
     """The global array plus the mean update, in the global array's own dtype (no update: unchanged)."""
     if update is None:
         return current
-    return np.ascontiguousarray((current.astype(np.float64) + update.reshape(current.shape)).astype(current.dtype))
+    return (current.astype(np.float64) + update.reshape(current.shape)).astype(current.dtype, order="C")  # 0-d stays 0-d

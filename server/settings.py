@@ -9,10 +9,11 @@ MODES = ("train", "validate", "cross-site", "analyse")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
               "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "newton")
 # What an empty model, lr = 0 or batch-size = 0 in the run config stand for, per task:
-# a Cox loss needs large batches (risk sets); the image CNN diverges at the Cox learning rate.
+# a Cox loss needs large batches (risk sets); the image CNN diverges at the Cox learning rate, and FedAvg
+# (Adam restarted every round) fell 0.03 AUC behind pooled training at 0.003 on real images (bench-breastmnist).
 TASK_DEFAULTS = {
     "oncology": {"model": "linear", "lr": 0.01, "batch_size": 64},
-    "radiology": {"model": "small-cnn", "lr": 0.003, "batch_size": 16},
+    "radiology": {"model": "small-cnn", "lr": 0.001, "batch_size": 16},
 }
 
 

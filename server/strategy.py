@@ -109,9 +109,10 @@ class ModelDtypes(Strategy):
         values = {k: a.numpy() for k, a in arrays.items()}
         if all(values[k].dtype == self.dtypes.get(k, values[k].dtype) for k in values):
             return arrays
-        return ArrayRecord({k: Array(np.ascontiguousarray(
-            np.rint(v) if np.issubdtype(self.dtypes[k], np.integer) else v).astype(self.dtypes[k]))
-            for k, v in values.items()})
+        # astype(order="C"), not np.ascontiguousarray: that turns a 0-d array (BatchNorm's num_batches_tracked)
+        # into shape (1,), and the update checks would then refuse every reply of the next round
+        return ArrayRecord({k: Array(np.asarray(np.rint(v) if np.issubdtype(self.dtypes[k], np.integer) else v)
+                                     .astype(self.dtypes[k], order="C")) for k, v in values.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)

@@ -29,7 +29,11 @@ class ValidationSettings:
 
 
 def _distance(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.sum((update[k].astype(np.float64) - reference[k]) ** 2)) for k in reference)))
+    """L2 distance over the floating-point tensors (weights, BatchNorm statistics). Integer buffers are counters
+    (BatchNorm's ``num_batches_tracked`` grows with a site's minibatches, i.e. with its size), not what it learned:
+    counted in, they would make a large hospital's update look like an outlier."""
+    return float(np.sqrt(sum(float(np.sum((update[k].astype(np.float64) - ref) ** 2))
+                             for k, ref in reference.items() if np.issubdtype(ref.dtype, np.floating))))
 
 
 def validate_updates(replies: list[tuple[str, Message]], reference: dict[str, np.ndarray], declared: dict[str, int],

@@ -91,13 +91,34 @@ def load_model(uri: str, settings: RunSettings, run_config: dict) -> LoadedModel
     if spec.get("model_hash") and spec["model_hash"] != digest:
         raise FederationError(f"model-uri {uri!r}: model.pt does not match the model_hash in model.json "
                               "(altered or mismatched files)")
-    model = model_settings(run_config, spec).build_model(len(spec.get("features") or []))
     try:
-        model.load_state_dict(state)
+        spec = _fitting(spec, state, run_config)
     except RuntimeError as exc:
         raise FederationError(f"model-uri {uri!r}: the weights do not fit a {spec['model']} model for "
                               f"{spec['task']}/{spec['outcome']}: {str(exc).splitlines()[0]}") from None
     return LoadedModel(uri, spec, state, digest, registry)
+
+
+def _fitting(spec: dict, state: dict, run_config: dict) -> dict:
+    """``spec``, or, where the weights fit only the earlier architecture of its name (a small-cnn saved before it
+    had BatchNorm), ``spec`` naming that one: the nodes then build what the weights were trained as."""
+    from models.radiology import EARLIER
+
+    features = len(spec.get("features") or [])
+    try:
+        model_settings(run_config, spec).build_model(features).load_state_dict(state)
+        return spec
+    except RuntimeError:
+        earlier = EARLIER.get(spec["model"]) if spec["task"] == "radiology" else None
+        if earlier is None:
+            raise
+        try:
+            model_settings(run_config, {**spec, "model": earlier}).build_model(features).load_state_dict(state)
+        except RuntimeError:
+            pass
+        else:
+            return {**spec, "model": earlier}
+        raise
 
 
 def model_settings(run_config: dict, spec: dict) -> RunSettings:

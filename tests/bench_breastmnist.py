@@ -254,7 +254,9 @@ def alone_arm(sites: dict[str, RadiologySite], settings: RunSettings, rounds: in
 def fedavg_replica(sites: dict[str, RadiologySite], settings: RunSettings, rounds: int) -> tuple[Arm, dict]:
     """FedAvg in this process: each round every site trains the node's loop from the global weights
     (seeded by seed, round, site as on a node), the weighted mean by training images is the next global model
-    (Flower's FedAvg; integer buffers rounded back, as ``ModelDtypes`` does)."""
+    (Flower's FedAvg; integer buffers rounded back, as ``ModelDtypes`` does). The same arithmetic as the
+    federation, though not bit for bit (the nodes' thread count, Flower's float32 sum in reply order): the
+    difference grows through training like a change of seed, so compare its AUCs as one more seed's."""
     model = new_model(settings)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     total = sum(len(s.train) for s in sites.values())
@@ -302,6 +304,10 @@ def federated_arm(env: dict[str, str], uri: str, root: Path, sites: dict[str, Ra
         console.out("\n".join(outcome.log.strip().splitlines()[-25:]), highlight=False)
         reason = outcome.reason or (outcome.log.strip().splitlines() or ["no log"])[-1]
         return Federation(Arm(label, {}, seconds), {}, [], None, f"{outcome.status}: {reason}")
+    if summary.get("rejected") or summary.get("skipped_rounds") or summary.get("failures"):  # all rounds must count
+        return Federation(Arm(label, {}, seconds), {}, [], None,
+                          f"rounds skipped {summary.get('skipped_rounds')}, updates rejected {summary.get('rejected')}, "
+                          f"failures {summary.get('failures')}")
     folder = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{summary['mlflow_run_id']}/final_model",
                                                  tracking_uri=uri)
     state = torch.load(Path(folder) / "model.pt", weights_only=True)
@@ -313,8 +319,11 @@ def federated_arm(env: dict[str, str], uri: str, root: Path, sites: dict[str, Ra
                       [m.value for m in sorted(history, key=lambda m: m.step)], state)
 
 
-def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, bool]:
+    """The largest difference over the floating-point tensors, and whether the integer buffers (BatchNorm's step
+    counters) are equal."""
+    floats = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+    return floats, all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
 
 
 # ---------------------------------------------------------------- tables
@@ -343,3 +352,151 @@ def results_table(arms: list[Arm], sites: dict[str, RadiologySite], settings: Ru
                      "the three models. Sites: " + ", ".join(f"{s} {c['train']} train + {c['test']} test"
                                                            for s, c in counts.items()))
     return table
+
+
+def key_figures(arms: list[Arm], settings: RunSettings, rounds: int, fed: Federation | None, wall: float) -> str:
+    """Plain text, no markup, to paste into a note."""
+    pooled = next(a for a in arms if a.label.startswith("pooled"))
+    lines = [f"Key figures (BreastMNIST, {len(SITES)} sites, target {TARGET}, {settings.model} {settings.image_size}px, "
+             f"{rounds} rounds × {settings.local_epochs} local epochs, lr {settings.lr:g}, batch {settings.batch_size}, "
+             f"seed {settings.seed}; AUC / accuracy on the official test split)"]
+    for arm in arms:
+        o = arm.scores.get(OFFICIAL)
+        if not o:
+            continue
+        gap = "" if arm is pooled else f"  (Δ AUC vs pooled {o['auc'] - pooled.scores[OFFICIAL]['auc']:+.3f})"
+        lines.append(f"  {arm.label:<40} {_f(o['auc'])} / {_f(o['accuracy'])}  {arm.seconds:.0f} s{gap}")
+    lines.append(f"  {'published (ResNet-18, 28 px, centralised)':<40} {PUBLISHED['auc']:.3f} / {PUBLISHED['accuracy']:.3f}")
+    if fed is not None and not fed.error:
+        differ = max(abs(fed.nodes[s]['auc'] - fed.arm.scores[s]['auc']) for s in fed.nodes)
+        lines.append(f"  flwr run: {fed.arm.seconds:.0f} s, rounds {statistics.fmean(fed.round_wall):.1f} s each; "
+                     f"the nodes' own AUCs differ from the downloaded model's by {differ:.1e}")
+    lines.append(f"  benchmark wall time {wall:.0f} s ({wall / 60:.1f} min) on {os.cpu_count()} cores")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- sweep
+
+# The recipes ``--sweep`` compares: run-config keys (the app's defaults for the rest). small-cnn-instancenorm is the
+# small CNN as it was before this benchmark (MONAI's default InstanceNorm; small-cnn now has BatchNorm).
+SWEEP = (
+    {"model": "small-cnn-instancenorm", "lr": 0.003},  # the defaults before this benchmark
+    {"model": "small-cnn-instancenorm", "lr": 0.001},
+    {"lr": 0.003},
+    {"lr": 0.001},  # the defaults now
+    {"lr": 0.0005},
+    {"lr": 0.001, "num-server-rounds": 10, "local-epochs": 1},
+    {"lr": 0.001, "image-size": 32},
+)
+
+
+def sweep(root: Path, cache: Path, seeds: list[int], recipes: list[dict[str, object]]) -> Table:
+    """Pooled against the FedAvg replica for each recipe, official-test AUC, mean over ``seeds`` (training seeds;
+    the sites stay as written)."""
+    table = Table(title=f"Recipes: official-test AUC, mean over training seeds {seeds} (min–max)",
+                  title_justify="left")
+    for name in ("recipe", "pooled", "fedavg replica", "Δ", "s per seed (pooled + replica)"):
+        table.add_column(name, justify="left" if name == "recipe" else "right")
+    for recipe in recipes:
+        pooled, fed, seconds = [], [], 0.0
+        for seed in seeds:
+            settings = app_settings(seed, recipe)
+            sites = load_sites(root, settings, cache)
+            rounds = settings.num_server_rounds
+            p = pooled_arm(sites, settings, rounds)
+            f, _ = fedavg_replica(sites, settings, rounds)
+            pooled.append(p.scores[OFFICIAL]["auc"])
+            fed.append(f.scores[OFFICIAL]["auc"])
+            seconds += p.seconds + f.seconds
+        label = " ".join(f"{k}={v}" for k, v in recipe.items())
+        console.log(f"{label}: pooled {statistics.fmean(pooled):.3f}, fedavg replica {statistics.fmean(fed):.3f}")
+        table.add_row(label, f"{statistics.fmean(pooled):.3f} ({min(pooled):.3f}–{max(pooled):.3f})",
+                      f"{statistics.fmean(fed):.3f} ({min(fed):.3f}–{max(fed):.3f})",
+                      f"{statistics.fmean(fed) - statistics.fmean(pooled):+.3f}", f"{seconds / len(seeds):.0f}")
+    return table
+
+
+# ---------------------------------------------------------------- main
+
+def resolve_data(data: str) -> Path:
+    path = Path(data).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = APP_DIR / path  # the default is relative to the project root
+    if not path.is_file():
+        raise typer.BadParameter(f"{data}: no such file (BreastMNIST from MedMNIST v2, breastmnist.npz)")
+    return path
+
+
+def main(
+    data: str = typer.Option(DEFAULT_DATA, help="breastmnist.npz (MedMNIST v2); a relative path is taken from the "
+                                                "current folder, else from the project root. Read in place."),
+    seed: int = typer.Option(42, help="The sites' split and the training seed."),
+    model: str = typer.Option("", help="Override the app's radiology model (small-cnn | densenet121)."),
+    image_size: int = typer.Option(0, help="Override the app's image-size (0 = the app's)."),
+    rounds: int = typer.Option(0, help="Override num-server-rounds (0 = the app's)."),
+    local_epochs: int = typer.Option(0, help="Override local-epochs (0 = the app's)."),
+    lr: float = typer.Option(0.0, help="Override lr (0 = the app's radiology default)."),
+    federated: bool = typer.Option(True, help="Run the real Flower simulation (--no-federated: central arms only)."),
+    replica: bool = typer.Option(False, "--replica", help="Also FedAvg in this process (and its weights against "
+                                                          "the Flower run's)."),
+    do_sweep: bool = typer.Option(False, "--sweep", help="Compare the SWEEP recipes (pooled vs the FedAvg replica) "
+                                                         "over --seeds instead."),
+    seeds: str = typer.Option("42,1,2", help="--sweep: training seeds."),
+) -> None:
+    """BreastMNIST as DICOM at 3 sites: pooled vs site alone vs FedAvg (flwr run), AUC and accuracy side by side."""
+    path = resolve_data(data)
+    overrides = {k: v for k, v in {"model": model, "image-size": image_size, "num-server-rounds": rounds,
+                                   "local-epochs": local_epochs, "lr": lr}.items() if v}
+    torch.set_num_threads(1)  # as on a node; leaves the other core to the federation's neighbours
+    settings = app_settings(seed, overrides)
+    rounds = settings.num_server_rounds
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    fed = None
+    with tempfile.TemporaryDirectory(prefix="fedhosp-bench-breastmnist-") as tmp_name:
+        tmp = Path(tmp_name)
+        env, uri = runner.isolated_env(tmp, BENCH_PORTS)
+        root = tmp / "data"
+        counts = write_sites(read_npz(path), root, seed)
+        cache = Path(env["FEDHOSP_HOME"]) / "cache" / "radiology"  # where the nodes look: the federation starts warm
+        sites = load_sites(root, settings, cache)
+        console.log(f"{len(sites)} DICOM site folders from {path.name}: {counts} (read in "
+                    f"{time.perf_counter() - started:.0f} s)")
+        if do_sweep:
+            console.print(sweep(root, cache, [int(s) for s in seeds.split(",") if s.strip()],
+                                [{**r, **overrides} for r in SWEEP]))
+            print(f"(sweep wall time {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores)")
+            return
+        arms = [pooled_arm(sites, settings, rounds)]
+        console.log(f"{arms[-1].label}: {arms[-1].seconds:.0f} s")
+        arms.append(alone_arm(sites, settings, rounds))
+        console.log(f"{arms[-1].label}: {arms[-1].seconds:.0f} s")
+        replica_state = None
+        if replica:
+            arm, replica_state = fedavg_replica(sites, settings, rounds)
+            arms.append(arm)
+            console.log(f"{arm.label}: {arm.seconds:.0f} s")
+        if federated:
+            with runner.local_superlink(env):
+                fed = federated_arm(env, uri, root, sites, settings, overrides, rounds)
+            if fed.error:
+                console.print(f"[red]fedavg FAILED[/] {fed.error}")
+            else:
+                arms.append(fed.arm)
+                console.log(f"{fed.arm.label}: {fed.arm.seconds:.0f} s")
+                if replica_state is not None:
+                    floats, counters = max_difference(fed.state, replica_state)
+                    console.log(f"Flower vs replica: largest |weight difference| {floats:.2e}, step counters "
+                                f"{'equal' if counters else 'DIFFER'}")
+    wall = time.perf_counter() - started
+    console.print()
+    console.print(results_table(arms, sites, settings, counts))
+    console.print()
+    print(key_figures(arms, settings, rounds, fed, wall))
+    print(f"nodes and central fits: {hardware.describe()}")
+    print(f"(1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: shared-machine timings)")
+    if fed is not None and fed.error:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    typer.run(main)

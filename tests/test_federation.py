@@ -243,7 +243,7 @@ def test_radiology_simulation_learns_kl_grades_from_dicom_and_skips_broken_files
     # the broken objects in Syddanmark were skipped and counted, not a crash of the round
     site_counts = mlflow.artifacts.load_dict(f"{runs[0].info.artifact_uri}/sites.json")
     assert site_counts["Syddanmark"]["skipped_rows"] == 4 and site_counts["Hovedstaden"]["skipped_rows"] == 0
-    assert runs[0].data.params["model"] == "small-cnn" and runs[0].data.params["lr"] == "0.003"
+    assert runs[0].data.params["model"] == "small-cnn" and runs[0].data.params["lr"] == "0.001"
     # the data path in MLflow as in the ledger: its SHA-256, no param or tag holding the path itself
     assert runs[0].data.params["data-root"].startswith("sha256:")
     assert str(root) not in "\n".join([*runs[0].data.params.values(), *runs[0].data.tags.values()])

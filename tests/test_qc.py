@@ -91,7 +91,7 @@ def test_drift_flags_a_fall_beyond_the_margin_and_a_bar_no_longer_cleared():
 
 
 def test_every_shipped_criteria_file_loads_and_bad_ones_are_named(tmp_path: Path):
-    for outcome in ("survival", "response", "referral", "kl-grade"):
+    for outcome in ("survival", "response", "referral", "kl-grade", "binary"):
         crit = acceptance.load_criteria("", outcome, tuple(metrics.metric_functions(outcome, 0.5)))
         assert crit.rules and crit.file == f"configs/acceptance/{outcome}.toml"
     bad = tmp_path / "bad.toml"
@@ -158,3 +158,40 @@ def test_the_printout_shows_the_verdict_intervals_and_report():
     assert "0.83 (0.78–0.88)" in text and "NO RESULT site Fyn: no reply within 60s" in text
     assert "Verdict         : FAIL" in text and "drift at Sjælland: AUC 0.91 → 0.83" in text
     assert "/r/validate-flwr-7.html" in text and "fedhosp.validation.verdict=FAIL" in text
+
+
+def test_a_small_cnn_saved_before_batchnorm_still_loads_as_the_architecture_it_was_trained_as(tmp_path: Path):
+    """small-cnn gained BatchNorm on 2026-12-06: a model registered earlier (InstanceNorm, model.json naming
+    small-cnn) is validated as small-cnn-instancenorm, not refused; weights that fit neither are still refused."""
+    import json
+
+    import torch
+
+    from models.builders import build_model, model_hash
+    from server.settings import RunSettings
+    from server.sites import FederationError
+    from server.validate import load_model, model_settings
+
+    folder = tmp_path / "registered-2026-11"
+    folder.mkdir()
+    state = build_model("radiology", "small-cnn-instancenorm", target="referral", image_size=32).state_dict()
+    assert not any("running_mean" in k for k in state)
+    torch.save(state, folder / "model.pt")
+    spec = {"task": "radiology", "outcome": "referral", "model": "small-cnn", "image_size": 32,
+            "model_hash": model_hash(state)}
+    (folder / "model.json").write_text(json.dumps(spec))
+    loaded = load_model(str(folder), RunSettings(), {})
+    assert loaded.spec["model"] == "small-cnn-instancenorm" and loaded.hash == model_hash(state)
+    assert model_settings({}, loaded.spec).model == "small-cnn-instancenorm"  # what the nodes are told to build
+
+    today = build_model("radiology", "small-cnn", target="referral", image_size=32).state_dict()
+    assert any("running_mean" in k for k in today)
+    torch.save(today, folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps({**spec, "model_hash": model_hash(today)}))
+    assert load_model(str(folder), RunSettings(), {}).spec["model"] == "small-cnn"
+
+    torch.save(build_model("radiology", "densenet121", target="referral", image_size=32).state_dict(),
+               folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps({k: v for k, v in spec.items() if k != "model_hash"}))
+    with pytest.raises(FederationError, match="the weights do not fit a small-cnn model for radiology/referral"):
+        load_model(str(folder), RunSettings(), {})

@@ -94,7 +94,7 @@ def test_empty_model_lr_and_batch_size_take_the_tasks_defaults():
     onc = RunSettings.from_run_config({"task": "oncology", "model": "", "lr": 0.0, "batch-size": 0})
     rad = RunSettings.from_run_config({"task": "radiology", "model": "", "lr": 0.0, "batch-size": 0})
     assert (onc.model, onc.lr, onc.batch_size) == ("linear", 0.01, 64)
-    assert (rad.model, rad.lr, rad.batch_size) == ("small-cnn", 0.003, 16)
+    assert (rad.model, rad.lr, rad.batch_size) == ("small-cnn", 0.001, 16)
     assert RunSettings.from_run_config({"task": "radiology", "lr": 0.1}).lr == 0.1
     with pytest.raises(ValueError, match="model='linear' for radiology"):
         RunSettings.from_run_config({"task": "radiology", "model": "linear"})
@@ -116,3 +116,19 @@ def test_a_failed_run_is_recorded_once_with_its_reason_and_raised_again(tmp_path
             1 / 0
     reasons = [r["data"]["reason"] for r in read_records(ledger.path) if r["event"] == "run-failed"]
     assert reasons == ["site check failed:\n  - site A: no cohort.csv", "ZeroDivisionError: division by zero"]
+
+
+def test_model_dtypes_keeps_a_0d_buffer_0d_and_integer():
+    """FedAvg averages BatchNorm's num_batches_tracked (a 0-d int64) into a float: cast back, it must stay 0-d,
+    or every next-round update would differ from the global model in shape and be refused."""
+    from flwr.app import Array, ArrayRecord
+
+    from server.strategy import ModelDtypes
+
+    keeper = ModelDtypes(FedAvg())
+    keeper.dtypes = {"bn.num_batches_tracked": np.dtype(np.int64), "w": np.dtype(np.float32)}
+    out = keeper._cast(ArrayRecord({"bn.num_batches_tracked": Array(np.asarray(25.6)),
+                                    "w": Array(np.ones((2, 4))[:, ::2])}))
+    counter, weights = out["bn.num_batches_tracked"].numpy(), out["w"].numpy()
+    assert counter.shape == () and counter.dtype == np.int64 and int(counter) == 26
+    assert weights.shape == (2, 2) and weights.dtype == np.float32 and weights.flags.c_contiguous

@@ -54,6 +54,15 @@ def test_a_scaled_update_is_rejected_by_the_median_ratio_and_by_an_absolute_boun
     assert "exceeds the bound 5" in rejected["big"]
 
 
+def test_a_step_counter_does_not_count_towards_the_distance():
+    """BatchNorm's num_batches_tracked grows with a site's size: a large site is no outlier for it."""
+    reference = {**REFERENCE, "bn.num_batches_tracked": np.array(0, dtype=np.int64)}
+    replies = [(f"S{i}", _reply({**_good(seed=i), "bn.num_batches_tracked": np.array(steps, dtype=np.int64)}))
+               for i, steps in enumerate((13, 13, 13, 1300))]
+    accepted, rejected, distances = validate_updates(replies, reference, {}, ValidationSettings())
+    assert rejected == {} and len(accepted) == 4 and max(distances.values()) < 1
+
+
 def test_num_examples_must_be_a_positive_integer_within_what_the_site_declared():
     replies = [("inflated", _reply(_good(), n=10_000_000)), ("zero", _reply(_good(), n=0)),
                ("frac", _reply(_good(), n=2.5)), ("ok", _reply(_good(), n=90))]
