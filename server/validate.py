@@ -101,24 +101,21 @@ def load_model(uri: str, settings: RunSettings, run_config: dict) -> LoadedModel
 
 def _fitting(spec: dict, state: dict, run_config: dict) -> dict:
     """``spec``, or, where the weights fit only the earlier architecture of its name (a small-cnn saved before it
-    had BatchNorm), ``spec`` naming that one: the nodes then build what the weights were trained as."""
+    had BatchNorm), ``spec`` naming that one: the nodes then build what the weights were trained as. Raises the
+    first misfit when none fits."""
     from models.radiology import EARLIER
 
-    features = len(spec.get("features") or [])
-    try:
-        model_settings(run_config, spec).build_model(features).load_state_dict(state)
-        return spec
-    except RuntimeError:
-        earlier = EARLIER.get(spec["model"]) if spec["task"] == "radiology" else None
-        if earlier is None:
-            raise
+    candidates = [spec]
+    if spec["task"] == "radiology" and spec["model"] in EARLIER:
+        candidates.append({**spec, "model": EARLIER[spec["model"]]})
+    misfit = None
+    for candidate in candidates:
         try:
-            model_settings(run_config, {**spec, "model": earlier}).build_model(features).load_state_dict(state)
-        except RuntimeError:
-            pass
-        else:
-            return {**spec, "model": earlier}
-        raise
+            model_settings(run_config, candidate).build_model(len(spec.get("features") or [])).load_state_dict(state)
+            return candidate
+        except RuntimeError as exc:
+            misfit = misfit or exc
+    raise misfit
 
 
 def model_settings(run_config: dict, spec: dict) -> RunSettings:

@@ -198,13 +198,15 @@ def test_radiology_dp_draws_one_image_per_patient_and_models_are_built_alike_on_
     assert sorted(patients[rows.numpy()].tolist()) == [0, 1, 2, 3]
     draws = {tuple(one_image_per_patient(patients, torch.Generator().manual_seed(s)).tolist()) for s in range(20)}
     assert len(draws) > 1  # each round draws afresh
-    # DenseNet's BatchNorm becomes GroupNorm for Opacus, identically for the coordinator and every site
-    settings = RunSettings.from_run_config({"task": "radiology", "model": "densenet121", "dp": True})
-    coordinator = settings.build_model()
-    site = build_model("radiology", "densenet121", target="kl-grade", image_size=64, private=True)
-    assert model_hash(coordinator.state_dict()) == model_hash(site.state_dict())
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in site.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in build_model("radiology", "densenet121").modules())
+    # DenseNet's and the small CNN's BatchNorm becomes GroupNorm for Opacus, identically for the coordinator and
+    # every site
+    for model in ("densenet121", "small-cnn"):
+        settings = RunSettings.from_run_config({"task": "radiology", "model": model, "dp": True})
+        coordinator = settings.build_model()
+        site = build_model("radiology", model, target="kl-grade", image_size=64, private=True)
+        assert model_hash(coordinator.state_dict()) == model_hash(site.state_dict())
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in site.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in build_model("radiology", model).modules())
 
 
 def test_site_budget_prints_what_each_data_set_spent_and_has_left(tmp_path):
