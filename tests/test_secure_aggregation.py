@@ -98,11 +98,19 @@ def test_strategies_that_need_each_update_are_refused_under_secure_aggregation(s
     assert "needs each one" in str(refused.value)
 
 
+def test_the_update_bound_defaults_to_the_models_and_a_chosen_one_wins():
+    """0 = the model's bound: above its round-1 update, BatchNorm statistics included (server/settings.py)."""
+    bound = lambda **cfg: RunSettings.from_run_config({"secure-aggregation": True, **cfg}).secure_update_norm  # noqa: E731
+    assert bound() == 10.0 and bound(model="mlp") == 10.0
+    assert bound(task="radiology") == 20.0 and bound(task="radiology", model="densenet121") == 200.0
+    assert bound(task="radiology", **{"secure-update-norm": 5.0}) == 5.0
+
+
 def test_secure_aggregation_is_refused_outside_training_and_below_three_sites():
     with pytest.raises(ValueError):
         RunSettings.from_run_config({"secure-aggregation": True, "mode": "validate", "model-uri": "models:/m/1"})
     with pytest.raises(ValueError):
-        RunSettings.from_run_config({"secure-aggregation": True, "secure-update-norm": 0.0})
+        RunSettings.from_run_config({"secure-aggregation": True, "secure-update-norm": -1.0})
     settings = RunSettings.from_run_config({"secure-aggregation": True})
     with pytest.raises(FederationError) as few:
         build_strategy(settings, MIN_SITES - 1)
