@@ -57,7 +57,21 @@ def fit(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor, torch.Gene
 
     Under dp the metrics add Opacus' accountant figures of the round: ``noise_multiplier``,
     ``sample_rate`` and ``dp_steps``.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) end as they began: with BatchNorm's momentum they steer
+    nothing, and a count of this site's minibatches would make every distance between updates (the update
+    checks, Krum, Bulyan) measure the sites' sizes instead of what they learnt.
     """
+    counters = {name: b.clone() for name, b in model.named_buffers() if not b.is_floating_point()}
+    metrics = _fit(model, n, batch_loss, cfg, server_round, site)
+    for name, buffer in model.named_buffers():
+        if name in counters:
+            buffer.copy_(counters[name])
+    return metrics
+
+
+def _fit(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+         cfg: TrainSettings, server_round: int, site: str) -> dict[str, float]:
     seed = round_seed(cfg.seed, server_round, site)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -116,13 +130,8 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def train_images(model: nn.Module, data, cfg: TrainSettings, server_round: int, site: str,
                  augment: bool = True) -> dict[str, float]:
     """Train on ``cfg.device``: the model moves there, each (augmented, on the CPU) batch follows it;
-    the weights come back to host memory for the reply.
-
-    Integer buffers (BatchNorm's ``num_batches_tracked``) go back as they came: with BatchNorm's momentum they
-    steer nothing, and a count of this site's minibatches would make every distance between updates (the update
-    checks, Krum, Bulyan) measure the sites' sizes instead of what they learnt."""
+    the weights come back to host memory for the reply."""
     device = torch.device(cfg.device)
-    counters = {name: b.clone() for name, b in model.named_buffers() if not b.is_floating_point()}
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     loss_fn = nn.CrossEntropyLoss()
     model.to(device)
@@ -143,9 +152,6 @@ def train_images(model: nn.Module, data, cfg: TrainSettings, server_round: int, 
         return fit(model, len(rows), batch_loss, cfg, server_round, site)
     finally:
         model.to("cpu")
-        for name, buffer in model.named_buffers():
-            if name in counters:
-                buffer.copy_(counters[name])
 
 
 def one_image_per_patient(patients: np.ndarray, generator: torch.Generator) -> torch.Tensor:

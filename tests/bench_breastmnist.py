@@ -39,7 +39,6 @@ The data file is read where it lies, never copied into the project.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import statistics

@@ -24,7 +24,7 @@ from models.errors import PolicyRefusal, SiteDataError
 from models.ledger import read_records
 from server import runner
 from server.audit import audit_app, reconcile_secure
-from server.secure_aggregation import MIN_SITES, quantisation_step
+from server.secure_aggregation import MIN_SITES
 from server.settings import RunSettings
 from server.sites import FederationError
 from server.strategy import build_strategy
